@@ -1,0 +1,106 @@
+"""``build_ebseg``: the one place that wires EBSeg's parts together and applies the freezing policy."""
+
+from __future__ import annotations
+
+import open_clip
+from torch import nn
+
+from ebseg.config import ClipConfig, EBSegConfig, get_config
+from ebseg.model import EBSeg, FusionLayer
+from ebseg.modeling.adab_decoder import AdaBDecoder
+from ebseg.modeling.clip_encoder import ClipVisual
+from ebseg.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+from ebseg.modeling.sam_encoder import build_sam_encoder
+from ebseg.modeling.text_classifier import TextClassifier
+
+# Parameters that train besides the decoder head (fusion, pixel decoder, AdaB decoder): the two
+# positional embeddings of the frozen encoders and the background text row.
+TRAINABLE_ENCODER_PARAMS = ("clip.positional_embedding", "sam.pos_embed", "text.bg_embed")
+TRAINABLE_MODULES = ("fusion.", "pixel_decoder.", "decoder.")
+
+
+def build_open_clip(config: ClipConfig) -> nn.Module:
+    """An open_clip ``CLIP`` with EBSeg's architecture and random weights.
+
+    QuickGELU always: the OpenAI weights were trained with it, and open_clip >= 2.2x builds nn.GELU for
+    "ViT-B-16" unless told otherwise, which silently changes every feature.
+    """
+    vision = open_clip.model.CLIPVisionCfg(
+        layers=config.layers,
+        width=config.width,
+        head_width=config.width // config.heads,
+        patch_size=config.patch_size,
+        image_size=config.image_size,
+    )
+    text = open_clip.model.CLIPTextCfg(
+        context_length=config.context_length,
+        vocab_size=config.vocab_size,
+        width=config.text_width,
+        heads=config.text_heads,
+        layers=config.text_layers,
+    )
+    return open_clip.CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
+
+
+def apply_freezing(model: EBSeg) -> None:
+    """Freeze CLIP and SAM except their positional embeddings; the text tower except ``bg_embed``."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name in TRAINABLE_ENCODER_PARAMS or name.startswith(TRAINABLE_MODULES)
+
+
+def build_ebseg(config: str | EBSegConfig = "base") -> EBSeg:
+    """Build EBSeg from a preset name ("tiny", "base", "large") or a config.
+
+    Weights are random unless ``config.clip.pretrained`` / ``config.sam.checkpoint`` name initial weights
+    (loaded here through ``ebseg.checkpoint``); load a trained checkpoint with ``ebseg.checkpoint``.
+    """
+    config = get_config(config)
+    if config.pixel_decoder.conv_dim != config.decoder.hidden_dim:
+        raise ValueError("pixel_decoder.conv_dim must equal decoder.hidden_dim (no input projection)")
+    clip_model = build_open_clip(config.clip)
+    clip = ClipVisual(
+        clip_model.visual, rec_head_start=config.clip.rec_head_start, surgery_start=config.clip.surgery_start
+    )
+    text = TextClassifier(clip_model)
+    sam = build_sam_encoder(config.sam)
+    fusion = nn.ModuleList(FusionLayer(config.clip.width, config.sam.embed_dim) for _ in range(3))
+    pd = config.pixel_decoder
+    pixel_decoder = MSDeformAttnPixelDecoder(
+        in_channels=config.sam.embed_dim,
+        conv_dim=pd.conv_dim,
+        mask_dim=pd.mask_dim,
+        num_layers=pd.num_layers,
+        num_heads=pd.num_heads,
+        num_points=pd.num_points,
+        ffn_dim=pd.ffn_dim,
+        num_groups=pd.num_groups,
+    )
+    dc = config.decoder
+    decoder = AdaBDecoder(
+        hidden_dim=dc.hidden_dim,
+        mask_dim=pd.mask_dim,
+        num_queries=dc.num_queries,
+        num_heads=dc.num_heads,
+        ffn_dim=dc.ffn_dim,
+        num_layers=dc.num_layers,
+        embed_dim=config.clip.embed_dim,
+        clip_heads=config.clip.heads,
+    )
+    model = EBSeg(
+        config=config,
+        clip=clip,
+        text=text,
+        sam=sam,
+        fusion=fusion,
+        pixel_decoder=pixel_decoder,
+        decoder=decoder,
+    )
+    apply_freezing(model)
+    if config.clip.pretrained is not None or config.sam.checkpoint is not None:
+        from ebseg import checkpoint  # local import: checkpoint imports this module
+
+        if config.clip.pretrained is not None:
+            checkpoint.load_clip_pretrained(model, config.clip.pretrained)
+        if config.sam.checkpoint is not None:
+            checkpoint.load_sam_checkpoint(model, config.sam.checkpoint)
+    return model

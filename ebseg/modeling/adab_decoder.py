@@ -1,0 +1,196 @@
+"""The AdaB decoder: Mask2Former's masked-attention transformer decoder with EBSeg's heads.
+
+Per prediction (one before the first layer and one after each) it gives mask logits, the fully
+supervised embeddings A (mask-pooled pixel features plus the query, projected into CLIP's joint space
+with a learnable, clamped scale) and the query vectors from which the per-head attention bias for the CLIP
+recognition head is computed (``attn_bias``). The bias is left to the caller because inference needs it
+for the last prediction only, and it is large ([B, heads, Q, H/4, W/4]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ebseg.modeling.layers import MLP, mask_pool, sine_position_embedding
+
+
+def _xavier_matrices(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Masked cross-attention from queries to one feature level, post-norm."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        _xavier_matrices(self)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        *,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: [B, Q, C]; memory, pos: [B, HW, C]; mask: [B * heads, Q, HW] bool, True = blocked."""
+        out = self.multihead_attn(x + query_pos, memory + pos, memory, attn_mask=mask, need_weights=False)[0]
+        return self.norm(x + out)
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        _xavier_matrices(self)
+
+    def forward(self, x: torch.Tensor, *, query_pos: torch.Tensor) -> torch.Tensor:
+        q = x + query_pos
+        return self.norm(x + self.self_attn(q, q, x, need_weights=False)[0])
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+        _xavier_matrices(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.linear2(F.relu(self.linear1(x))))
+
+
+@dataclass
+class DecoderOutput:
+    """Lists hold one entry per prediction (num_layers + 1), the last is the final one.
+
+    pred_masks: [B, Q, H/4, W/4] mask logits; embeddings: [B, Q, D] embeddings A (norm = clamped scale);
+    mask_embeds: [B, Q, mask_dim] the vectors behind both the masks and the attention bias;
+    attn_features: [B, clip_heads, mask_dim, H/4, W/4] per-pixel features for the attention bias.
+    """
+
+    pred_masks: list[torch.Tensor]
+    embeddings: list[torch.Tensor]
+    mask_embeds: list[torch.Tensor]
+    attn_features: torch.Tensor
+
+
+class AdaBDecoder(nn.Module):
+    NUM_LEVELS = 3
+
+    def __init__(
+        self,
+        *,
+        hidden_dim: int,
+        mask_dim: int,
+        num_queries: int,
+        num_heads: int,
+        ffn_dim: int,
+        num_layers: int,
+        embed_dim: int,
+        clip_heads: int,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.clip_heads = clip_heads
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, num_heads) for _ in range(num_layers)
+        )
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, num_heads) for _ in range(num_layers)
+        )
+        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(hidden_dim, ffn_dim) for _ in range(num_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(self.NUM_LEVELS, hidden_dim)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.pool_proj = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, hidden_dim))
+        self.mask_embed1 = MLP(hidden_dim, hidden_dim, embed_dim, 3)
+        self.logit_scale = nn.Parameter(torch.ones([]))  # used clamped to <= 10, not exponentiated
+        self.attn_proj = MLP(mask_dim, mask_dim, mask_dim * clip_heads, 3)
+        self.bias_scaling = nn.Linear(1, 1)
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_feat.num_embeddings
+
+    def _predict(
+        self, output: torch.Tensor, mask_features: torch.Tensor, target_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Heads on the current queries [B, Q, C]: (mask_embed, pred_mask, embeddings A, next attn mask)."""
+        q = self.decoder_norm(output)
+        mask_embed = self.mask_embed(q)
+        pred_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        pooled = self.pool_proj(mask_pool(mask_features, pred_mask))
+        embeddings = self.mask_embed1(pooled + q)
+        embeddings = torch.clamp(self.logit_scale, max=10) * F.normalize(embeddings, dim=-1)
+        attn_mask = F.interpolate(pred_mask, size=target_size, mode="bilinear", align_corners=False)
+        attn_mask = attn_mask.sigmoid().flatten(2) < 0.5  # True = blocked
+        attn_mask = attn_mask.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
+        return mask_embed, pred_mask, embeddings, attn_mask.detach()
+
+    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor) -> DecoderOutput:
+        """multi_scale_features: 3 maps [B, C, h_l, w_l], coarsest (stride 32) first;
+        mask_features: [B, mask_dim, H/4, W/4]."""
+        if len(multi_scale_features) != self.NUM_LEVELS:
+            raise ValueError(f"expected {self.NUM_LEVELS} feature levels, got {len(multi_scale_features)}")
+        sizes, src, pos = [], [], []
+        for i, feat in enumerate(multi_scale_features):
+            sizes.append(tuple(feat.shape[-2:]))
+            pos.append(sine_position_embedding(feat, feat.shape[1] // 2).flatten(2).transpose(1, 2))
+            src.append(feat.flatten(2).transpose(1, 2) + self.level_embed.weight[i])
+
+        b = mask_features.shape[0]
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
+        output = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
+
+        _, c, h, w = mask_features.shape
+        attn_features = self.attn_proj(mask_features.permute(0, 2, 3, 1))
+        # Channels are head-major: channel = head * mask_dim + c.
+        attn_features = attn_features.permute(0, 3, 1, 2).reshape(b, self.clip_heads, c, h, w)
+
+        result = DecoderOutput(pred_masks=[], embeddings=[], mask_embeds=[], attn_features=attn_features)
+
+        def record(target_size: tuple[int, int]) -> torch.Tensor:
+            mask_embed, pred_mask, embeddings, attn_mask = self._predict(output, mask_features, target_size)
+            result.mask_embeds.append(mask_embed)
+            result.pred_masks.append(pred_mask)
+            result.embeddings.append(embeddings)
+            return attn_mask
+
+        attn_mask = record(sizes[0])
+        for i, (cross, self_attn, ffn) in enumerate(
+            zip(
+                self.transformer_cross_attention_layers,
+                self.transformer_self_attention_layers,
+                self.transformer_ffn_layers,
+            )
+        ):
+            level = i % self.NUM_LEVELS
+            # A query whose mask covers nothing at this level would attend to nothing: let it see all.
+            attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
+            output = cross(output, src[level], mask=attn_mask, pos=pos[level], query_pos=query_pos)
+            output = self_attn(output, query_pos=query_pos)
+            output = ffn(output)
+            attn_mask = record(sizes[(i + 1) % self.NUM_LEVELS])
+        return result
+
+    def attn_bias(self, mask_embed: torch.Tensor, attn_features: torch.Tensor) -> torch.Tensor:
+        """Per-head attention bias for the CLIP recognition head.
+
+        mask_embed: [B, Q, c]; attn_features: [B, heads, c, h, w] -> [B, heads, Q, h, w].
+        """
+        bias = torch.einsum("bqc,bnchw->bnqhw", mask_embed, attn_features)
+        return self.bias_scaling(bias.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,80 @@
+"""CLIP's text tower as an open-vocabulary classifier, plus the learnable background row.
+
+Class names are encoded with the 14 ViLD prompt templates: each template's embeddings are normalised,
+averaged over templates and normalised again. The text tower is frozen; only ``bg_embed`` trains. Caching
+the embeddings of a vocabulary is the predictor's job (the module stays pure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VILD_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
+
+class TextClassifier(nn.Module):
+    """Takes the text parts of an open_clip ``CLIP`` (so its weights load by name)."""
+
+    def __init__(self, clip: nn.Module, *, templates: Sequence[str] = VILD_TEMPLATES):
+        super().__init__()
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.logit_scale = clip.logit_scale  # frozen CLIP temperature (ln 100 for the OpenAI weights)
+        # The causal mask is a constant: rebuilt, not stored in checkpoints.
+        self.register_buffer("attn_mask", clip.attn_mask.clone(), persistent=False)
+        embed_dim = self.text_projection.shape[1]
+        self.bg_embed = nn.Parameter(torch.randn(1, embed_dim) * embed_dim**-0.5)
+        self.templates = tuple(templates)
+        self.context_length = self.positional_embedding.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text_projection.shape[1]
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [N, context] int64 -> [N, D] unit embeddings (pooled at the end-of-text token)."""
+        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        # The end-of-text token has the largest id, so argmax finds it (CLIP's pooling rule).
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.text_projection
+        return F.normalize(x, dim=-1)
+
+    @torch.no_grad()
+    def encode_names(self, names: Sequence[str], *, chunk: int = 256) -> torch.Tensor:
+        """Prompt-ensembled class embeddings: [K, D], unit norm, on this module's device."""
+        device = self.text_projection.device
+        per_template = []
+        for template in self.templates:
+            prompts = [template.format(name) for name in names]
+            tokens = open_clip.tokenize(prompts, context_length=self.context_length).to(device)
+            per_template.append(torch.cat([self.encode_tokens(t) for t in tokens.split(chunk)]))
+        return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
+
+    def classifier(self, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """[K, D] class embeddings -> [K + 1, D] unit rows scaled by exp(logit_scale); background last."""
+        rows = F.normalize(torch.cat([class_embeddings.to(self.bg_embed.dtype), self.bg_embed]), dim=-1)
+        return self.logit_scale.exp() * rows
