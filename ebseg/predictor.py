@@ -137,7 +137,7 @@ class Segmenter:
             if (new_h, new_w) != (height, width):
                 # PIL bilinear on uint8, as the reference's ResizeShortestEdge.
                 image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # copies: inputs may be read-only
 
     def predict(
         self, images: Sequence[np.ndarray], *, return_probabilities: bool = False

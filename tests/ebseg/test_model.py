@@ -1,0 +1,174 @@
+"""The model on the tiny preset: shapes at every stage, the freezing policy, determinism, training."""
+
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ebseg.build import build_ebseg
+from ebseg.checkpoint import convert_official_state_dict
+from ebseg.config import PRESETS, EBSegConfig, get_config, tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_ebseg("tiny").eval()
+
+
+def class_embeddings(k: int, dim: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return F.normalize(torch.randn(k, dim, generator=g), dim=-1)
+
+
+def images(b: int = 2, h: int = 256, w: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8)
+
+
+def test_stage_shapes_and_dtypes(model):
+    cfg = model.config
+    x = images(2, 256, 192)
+    with torch.inference_mode():
+        clip_in, sam_in = model._normalise(x, None)
+        clip_in = F.interpolate(clip_in, scale_factor=cfg.clip.input_scale, mode="bilinear")
+        feats = model.clip.extract(clip_in, dual=True)
+        grid = (128 // 16, 96 // 16)
+        assert set(feats.maps) == set(range(cfg.clip.rec_head_start + 1))
+        assert feats.maps[cfg.clip.rec_head_start].shape == (2, cfg.clip.width, *grid)
+        assert feats.cls[0].shape == (2, cfg.clip.width)
+        assert feats.surgery.shape == (2, 1 + grid[0] * grid[1], cfg.clip.width)
+        plain = model.clip.extract(clip_in, dual=False)
+        assert plain.surgery is None
+        # The original stream (what is saved per layer) is the same with or without the surgery stream.
+        for i in plain.maps:
+            torch.testing.assert_close(plain.maps[i], feats.maps[i])
+
+        sam = model.sam(sam_in)
+        for name, stride in zip(("res2", "res3", "res4", "res5"), (4, 8, 16, 32)):
+            assert sam[name].shape == (2, cfg.sam.embed_dim, 256 // stride, 192 // stride)
+            assert sam[name].dtype == torch.float32
+
+        mask_features, multi = model.pixel_decoder(sam)
+        assert mask_features.shape == (2, cfg.pixel_decoder.mask_dim, 64, 48)
+        assert [m.shape[-2:] for m in multi] == [(8, 6), (16, 12), (32, 24)]
+
+        dec = model.decoder(multi, mask_features)
+        q = cfg.decoder.num_queries
+        assert len(dec.pred_masks) == cfg.decoder.num_layers + 1
+        assert dec.pred_masks[-1].shape == (2, q, 64, 48)
+        assert dec.embeddings[-1].shape == (2, q, cfg.clip.embed_dim)
+        assert dec.attn_features.shape == (2, cfg.clip.heads, cfg.pixel_decoder.mask_dim, 64, 48)
+        bias = model.decoder.attn_bias(dec.mask_embeds[-1], dec.attn_features)
+        assert bias.shape == (2, cfg.clip.heads, q, 64, 48)
+
+        emb_b, dense = model.clip.recognize(feats, bias, num_sos=q)
+        assert emb_b.shape == (2, q, cfg.clip.embed_dim)
+        torch.testing.assert_close(emb_b.norm(dim=-1), torch.ones(2, q))
+        assert dense.shape == (2, cfg.clip.embed_dim, *grid)
+
+        out = model(x, class_embeddings(5, cfg.clip.embed_dim))
+    assert out.logits_a[-1].shape == out.logits_b[-1].shape == out.logits_d.shape == (2, q, 6)
+    assert len(out.logits_a) == cfg.decoder.num_layers + 1 and len(out.logits_b) == 1
+    assert all(t.dtype == torch.float32 for t in (out.logits_a[-1], out.logits_b[-1], out.logits_d))
+
+
+def test_recognition_head_runs_once_at_inference_and_per_layer_in_training(model):
+    emb = class_embeddings(3, model.config.clip.embed_dim)
+    with mock.patch.object(model.clip, "recognize", wraps=model.clip.recognize) as spy:
+        with torch.inference_mode():
+            model(images(1), emb)
+        assert spy.call_count == 1
+        model.train()
+        try:
+            out = model(images(1), emb)
+        finally:
+            model.eval()
+        assert spy.call_count == 1 + model.config.decoder.num_layers + 1
+    assert out.logits_d is None and len(out.logits_b) == len(out.logits_a)
+
+
+def test_outputs_are_deterministic(model):
+    emb = class_embeddings(4, model.config.clip.embed_dim)
+    with torch.inference_mode():
+        a = model(images(), emb)
+        b = model(images(), emb)
+    assert torch.equal(a.logits_d, b.logits_d) and torch.equal(a.pred_masks[-1], b.pred_masks[-1])
+    torch.manual_seed(0)
+    again = build_ebseg("tiny")
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_padding_is_zero_in_each_normalised_space(model):
+    x = torch.full((1, 3, 64, 64), 200, dtype=torch.uint8)
+    clip_in, sam_in = model._normalise(x, [(40, 50)])
+    assert clip_in[..., 40:, :].abs().max() == 0 and sam_in[..., :, 50:].abs().max() == 0
+    assert clip_in[..., :40, :50].abs().min() > 0
+
+
+TRAINABLE_OFFICIAL_PREFIXES = ("sem_seg_head.",)
+TRAINABLE_OFFICIAL_NAMES = (
+    "backbone.pos_embed",
+    "clip_visual_extractor.positional_embedding",
+    "ov_classifier.bg_embed",
+)
+
+
+def test_trainable_parameters_are_exactly_the_references(reference_dir):
+    """The reference trains the decoder head, the two positional embeddings and the background row;
+    mapped through the converter, that is exactly our set of trainable parameters."""
+    entries = json.loads((reference_dir / "keys_ebseg_b.json").read_text())
+    trainable = {
+        e["name"]: torch.zeros(e["shape"])
+        for e in entries
+        if e["is_param"]
+        and (e["name"].startswith(TRAINABLE_OFFICIAL_PREFIXES) or e["name"] in TRAINABLE_OFFICIAL_NAMES)
+    }
+    expected = set(convert_official_state_dict(trainable))
+    model = build_ebseg("base")
+    ours = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert ours == expected
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert numel == sum(t.numel() for t in trainable.values())
+
+
+def test_training_backward_reaches_only_trainable_parameters():
+    torch.manual_seed(0)
+    model = build_ebseg("tiny").train()
+    emb = class_embeddings(3, model.config.clip.embed_dim)
+    out = model(images(2, 128, 128), emb)
+    loss = sum(t.logsumexp(-1).mean() for t in out.logits_a + out.logits_b)
+    loss = loss + sum(m.sigmoid().mean() for m in out.pred_masks)
+    loss.backward()
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert frozen_with_grad == []
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # Deformable attention starts with zero offset/attention matrices, so nothing flows to its queries
+    # (level embedding, pixel-decoder positional path) at step 0; everything else must be reached.
+    unreached = trainable - reached
+    assert all(n.startswith("pixel_decoder.transformer.") for n in unreached), sorted(unreached)
+    must_reach = (
+        "clip.positional_embedding",
+        "sam.pos_embed",
+        "text.bg_embed",
+        "decoder.bias_scaling.weight",
+    )
+    assert set(must_reach) <= reached
+
+
+def test_presets_and_config_round_trip():
+    assert set(PRESETS) == {"tiny", "base", "large"}
+    for name in PRESETS:
+        cfg = get_config(name)
+        assert EBSegConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert get_config("large").clip.surgery_start == 4 and get_config("base").clip.surgery_start == 2
+    with pytest.raises(ValueError, match="unknown EBSeg preset"):
+        get_config("huge")
+    with pytest.raises(TypeError):
+        EBSegConfig.from_dict({**tiny().to_dict(), "bogus": 1})
