@@ -9,7 +9,7 @@ from ebseg.config import ClipConfig, EBSegConfig, get_config
 from ebseg.model import EBSeg, FusionLayer
 from ebseg.modeling.adab_decoder import AdaBDecoder
 from ebseg.modeling.clip_encoder import ClipVisual
-from ebseg.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+from ebseg.modeling.pixel_decoder import build_pixel_decoder
 from ebseg.modeling.sam_encoder import build_sam_encoder
 from ebseg.modeling.text_classifier import TextClassifier
 
@@ -64,21 +64,11 @@ def build_ebseg(config: str | EBSegConfig = "base") -> EBSeg:
     text = TextClassifier(clip_model)
     sam = build_sam_encoder(config.sam)
     fusion = nn.ModuleList(FusionLayer(config.clip.width, config.sam.embed_dim) for _ in range(3))
-    pd = config.pixel_decoder
-    pixel_decoder = MSDeformAttnPixelDecoder(
-        in_channels=config.sam.embed_dim,
-        conv_dim=pd.conv_dim,
-        mask_dim=pd.mask_dim,
-        num_layers=pd.num_layers,
-        num_heads=pd.num_heads,
-        num_points=pd.num_points,
-        ffn_dim=pd.ffn_dim,
-        num_groups=pd.num_groups,
-    )
+    pixel_decoder = build_pixel_decoder(config.pixel_decoder, in_channels=config.sam.embed_dim)
     dc = config.decoder
     decoder = AdaBDecoder(
         hidden_dim=dc.hidden_dim,
-        mask_dim=pd.mask_dim,
+        mask_dim=config.pixel_decoder.mask_dim,
         num_queries=dc.num_queries,
         num_heads=dc.num_heads,
         ffn_dim=dc.ffn_dim,

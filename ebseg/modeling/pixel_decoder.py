@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ebseg.config import PixelDecoderConfig
 from ebseg.modeling.layers import sine_position_embedding
 from ebseg.modeling.ms_deform_attn import MSDeformAttn
 
@@ -226,3 +227,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
             top_down = F.interpolate(out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             finest = self.layer_1(lateral + top_down)
             return self.mask_features(finest), out
+
+
+def build_pixel_decoder(config: PixelDecoderConfig, *, in_channels: int) -> MSDeformAttnPixelDecoder:
+    """The pixel decoder for ``config`` on backbone features of ``in_channels`` channels."""
+    return MSDeformAttnPixelDecoder(
+        in_channels=in_channels,
+        conv_dim=config.conv_dim,
+        mask_dim=config.mask_dim,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_points=config.num_points,
+        ffn_dim=config.ffn_dim,
+        num_groups=config.num_groups,
+    )

@@ -13,7 +13,17 @@ def test_segment_command_writes_label_maps(tmp_path, photos):
     image = tmp_path / "coffee.jpg"
     Image.fromarray(photos[1]).save(image)
     out = tmp_path / "maps"
-    cmd = [sys.executable, "-m", "ebseg", "segment", str(image), "--model", "tiny", "--vocabulary", "cup,table,"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ebseg",
+        "segment",
+        str(image),
+        "--model",
+        "tiny",
+        "--vocabulary",
+        "cup,table,",
+    ]
     result = subprocess.run(
         [*cmd, "--short-side", "96", "--out", str(out)], capture_output=True, text=True, timeout=300
     )

@@ -11,7 +11,7 @@ import torch
 
 from ebseg.config import PixelDecoderConfig, tiny
 from ebseg.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn
-from ebseg.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+from ebseg.modeling.pixel_decoder import MSDeformAttnPixelDecoder, build_pixel_decoder
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
 PREFIX = "sem_seg_head.pixel_decoder."
@@ -19,16 +19,7 @@ BASE_IN_CHANNELS = 768  # SAM ViT-B width
 
 
 def build(config: PixelDecoderConfig, in_channels: int) -> MSDeformAttnPixelDecoder:
-    return MSDeformAttnPixelDecoder(
-        in_channels=in_channels,
-        conv_dim=config.conv_dim,
-        mask_dim=config.mask_dim,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        num_points=config.num_points,
-        ffn_dim=config.ffn_dim,
-        num_groups=config.num_groups,
-    )
+    return build_pixel_decoder(config, in_channels=in_channels)
 
 
 def features(batch: int, channels: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:

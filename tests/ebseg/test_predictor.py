@@ -80,3 +80,15 @@ def test_band_resize_taps_match_interpolate(n_in, n_out):
     ours = x[:, lo] * w_lo[:, None] + x[:, hi] * w_hi[:, None]
     ref = F.interpolate(x[None], size=(n_out, 17), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_runs_and_returns_float32(photos):
+    """Autocast (bf16 on GPU in production) must not break any stage; CPU autocast exercises the same
+    casts. Outputs are float32 whatever the compute dtype."""
+    torch.manual_seed(0)
+    seg = Segmenter(
+        build_ebseg("tiny"), ["person", "sky"], short_side=96, device="cpu", amp_dtype=torch.bfloat16
+    )
+    [p] = seg.predict([photos[0]], return_probabilities=True)
+    assert p.label_map.shape == photos[0].shape[:2]
+    assert p.probabilities.dtype == np.float32 and np.isfinite(p.probabilities).all()
