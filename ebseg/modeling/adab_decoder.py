@@ -192,5 +192,7 @@ class AdaBDecoder(nn.Module):
 
         mask_embed: [B, Q, c]; attn_features: [B, heads, c, h, w] -> [B, heads, Q, h, w].
         """
-        bias = torch.einsum("bqc,bnchw->bnqhw", mask_embed, attn_features)
+        b, n, c, h, w = attn_features.shape
+        # A batched matmul over the flattened pixels; einsum would copy the large feature tensor first.
+        bias = (mask_embed.unsqueeze(1) @ attn_features.reshape(b, n, c, h * w)).reshape(b, n, -1, h, w)
         return self.bias_scaling(bias.unsqueeze(-1)).squeeze(-1)

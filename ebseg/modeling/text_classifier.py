@@ -55,9 +55,14 @@ class TextClassifier(nn.Module):
         return self.text_projection.shape[1]
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [N, context] int64 -> [N, D] unit embeddings (pooled at the end-of-text token)."""
-        x = self.token_embedding(tokens) + self.positional_embedding
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        """tokens: [N, L] int64, L <= context -> [N, D] unit embeddings (pooled at the end-of-text token).
+
+        The mask is causal, so the tokens up to end-of-text never see the padding after it: a batch may
+        be cut after its longest prompt without changing the result (and prompts are far shorter than 77).
+        """
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
         x = self.ln_final(x)
         # The end-of-text token has the largest id, so argmax finds it (CLIP's pooling rule).
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.text_projection
@@ -71,7 +76,11 @@ class TextClassifier(nn.Module):
         for template in self.templates:
             prompts = [template.format(name) for name in names]
             tokens = open_clip.tokenize(prompts, context_length=self.context_length).to(device)
-            per_template.append(torch.cat([self.encode_tokens(t) for t in tokens.split(chunk)]))
+            encoded = []
+            for part in tokens.split(chunk):
+                end = int(part.argmax(dim=-1).max()) + 1  # past the longest prompt's end-of-text token
+                encoded.append(self.encode_tokens(part[:, :end]))
+            per_template.append(torch.cat(encoded))
         return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
 
     def classifier(self, class_embeddings: torch.Tensor) -> torch.Tensor:
