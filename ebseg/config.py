@@ -41,10 +41,6 @@ class ClipConfig:
         """First block (0-based) that runs the dual surgery path at inference: layers // 6."""
         return self.layers // 6
 
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
 
 @dataclass(frozen=True)
 class SamConfig:

@@ -142,6 +142,3 @@ class EBSeg(nn.Module):
         logits_d = torch.einsum("bqc,nc->bqn", pooled, classifier)
         logits_b = [torch.einsum("bqc,nc->bqn", emb_b, classifier)]
         return EBSegOutput(dec.pred_masks, logits_a, logits_b, dec.embeddings, logits_d)
-
-    def trainable_parameter_names(self) -> list[str]:
-        return [name for name, p in self.named_parameters() if p.requires_grad]

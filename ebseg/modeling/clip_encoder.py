@@ -63,10 +63,6 @@ class ClipVisual(nn.Module):
         self.rec_head_start = rec_head_start
         self.surgery_start = surgery_start
 
-    @property
-    def width(self) -> int:
-        return self.class_embedding.shape[0]
-
     def _positional_embedding(self, h: int, w: int) -> torch.Tensor:
         """The class position as is, the grid part resized bicubically to (h, w): [1 + h*w, C]."""
         pos = self.positional_embedding

@@ -34,10 +34,6 @@ class SamEncoder(nn.Module):
         self.blocks = vit.blocks
         self.taps = tuple(taps)
 
-    @property
-    def width(self) -> int:
-        return self.pos_embed.shape[-1]
-
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: [B, 3, H, W] SAM-normalised, H and W multiples of the patch size (16).
 
