@@ -136,7 +136,7 @@ def save(model: nn.Module, uri: str, *, extra: dict | None = None) -> None:
 
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -211,7 +211,8 @@ def _load_scoped(
 
 
 def _build(config: EBSegConfig) -> nn.Module:
-    from ebseg.build import build_ebseg  # here, not at the top: ebseg.build imports this module
+    # Looked up at call time: ebseg.build imports this module lazily, and tests stand in a builder.
+    from ebseg.build import build_ebseg
 
     return build_ebseg(config)
 

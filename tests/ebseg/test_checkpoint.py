@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ebseg import checkpoint
+from ebseg.build import build_ebseg
 from ebseg.checkpoint import (
     CheckpointMismatchError,
     LoadReport,
@@ -38,8 +39,8 @@ from ebseg.official import (
     infer_official_preset,
     sam_state_from_official_sam,
 )
+from tests.conftest import require_reference
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
 PRESET_FILES = {"base": "keys_ebseg_b", "large": "keys_ebseg_l"}
 REC_START = {"base": 9, "large": 18}  # R: CLIP blocks held by the official extractor
 
@@ -69,12 +70,7 @@ def in_layout(name: str) -> bool:
 
 
 def reference_file(stem: str) -> Path:
-    path = REFERENCE_DIR / f"{stem}.json"
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"reference key list {path} is missing in CI")
-        pytest.skip(f"reference key list not found at {path} (the shared/ folder is absent)")
-    return path
+    return require_reference() / f"{stem}.json"
 
 
 def official_state(preset: str) -> dict[str, torch.Tensor]:
@@ -91,11 +87,6 @@ def official_state(preset: str) -> dict[str, torch.Tensor]:
     for alias, canonical in aliases.items():
         state[alias] = state[canonical]
     return {e["name"]: state[e["name"]] for e in entries}  # keep the file's order
-
-
-def build_or_skip():
-    """``ebseg.build.build_ebseg`` once it imports; these tests skip until then."""
-    return pytest.importorskip("ebseg.build", reason="ebseg.build does not import yet").build_ebseg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -595,12 +586,11 @@ def test_load_official_rejects_unreleased_presets():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The real models (skip while ebseg.build does not import)
+# The real models
 
 
 @pytest.mark.parametrize("preset", ["base", "large"])
 def test_official_checkpoint_fits_the_model(preset):
-    build_ebseg = build_or_skip()
     official = official_state(preset)
     model = build_ebseg(get_config(preset))
     report = load_into(model, convert_official_state_dict(official))
@@ -614,7 +604,6 @@ def test_official_checkpoint_fits_the_model(preset):
 
 
 def test_load_reads_an_official_file():
-    build_or_skip()
     official = official_state("base")
     uri = "memory://ckpt-test/official/EBSeg_base.pth"
     with fsspec.open(uri, "wb") as f:  # zero-stride tensors keep this file small
@@ -630,7 +619,6 @@ def test_load_reads_an_official_file():
 
 
 def test_tiny_round_trip(tmp_path):
-    build_ebseg = build_or_skip()
     model = build_ebseg(get_config("tiny"))
     path = str(tmp_path / "tiny.pt")
     save(model, path, extra={"step": 1})
