@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ebseg import checkpoint
-from ebseg.build import build_ebseg
-from ebseg.config import PRESETS
 from ebseg.predictor import Segmenter
 from ebseg.vocab import Vocabulary
 
@@ -36,14 +33,7 @@ def _load_images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
 
 
 def _load_model(spec: str):
-    if spec in PRESETS:
-        warnings.warn(
-            f"preset {spec!r} has random weights: the labels are meaningless. Pass an EBSeg "
-            "checkpoint (ours or the official EBSeg_base.pth) with --model for real predictions.",
-            stacklevel=2,
-        )
-        return build_ebseg(spec)
-    return checkpoint.load(spec)
+    return checkpoint.load_model(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

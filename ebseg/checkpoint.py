@@ -16,6 +16,7 @@ import io
 import os
 import pickle
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -37,11 +38,13 @@ from ebseg.official import (
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "RandomWeightsWarning",
     "WeightsUnavailableError",
     "convert_official_state_dict",
     "load",
     "load_clip_pretrained",
     "load_into",
+    "load_model",
     "load_official",
     "load_sam_checkpoint",
     "read_state",
@@ -53,10 +56,17 @@ VERSION = 1
 HF_REPO = "slonetime/EBSeg"
 HF_FILES = {"base": "EBSeg_base.pth", "large": "EBSeg_large.pth"}
 _SHOWN = 10  # names listed per kind in an error message
+# The project's own small model, trained on the synthetic shapes set and shipped with the package.
+DEMO_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "demo.pt")
+RANDOM_PRESETS = ("tiny",)  # presets whose only weights are random: mechanics and tests
 
 
 class CheckpointMismatchError(RuntimeError):
     """A state dict does not fit the model: missing, unexpected or mis-shaped entries."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model with random weights was asked for: its labels are meaningless."""
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -399,3 +409,34 @@ def load_sam_checkpoint(model: nn.Module, uri: str, *, strict: bool = True) -> L
         strict=strict,
         what=f"SAM checkpoint {uri}",
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One name for every kind of weights (the CLI's --model)
+
+
+def load_model(spec: str, *, map_location="cpu") -> nn.Module:
+    """The model a ``--model`` value names.
+
+    ``"tiny"``: the tiny preset with random weights (warns with RandomWeightsWarning); ``"demo"``: the small
+    model shipped with the package; ``"base"`` / ``"large"``: the official EBSeg-B / EBSeg-L release (Hugging
+    Face Hub, cached); anything else: an ebseg or official checkpoint at that path or fsspec URI.
+    """
+    if spec in RANDOM_PRESETS:
+        warnings.warn(
+            f"model {spec!r} has random weights: its labels are meaningless (use it for tests and "
+            "mechanics). Use --model demo for the bundled model, or base / large / a checkpoint path.",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+        return _to_device(_build(get_config(spec)), map_location)
+    if spec == "demo":
+        if not os.path.exists(DEMO_WEIGHTS):
+            raise WeightsUnavailableError(
+                f"the demo weights are missing from this installation ({DEMO_WEIGHTS}); reinstall ebseg, "
+                "or pass --model tiny (random weights), base, large or a checkpoint path"
+            )
+        return load(DEMO_WEIGHTS, map_location=map_location)
+    if spec in HF_FILES:
+        return load_official(preset=spec, map_location=map_location)
+    return load(spec, map_location=map_location)

@@ -57,6 +57,23 @@ def resized_shape(height: int, width: int, short_side: int, max_long_side: int) 
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
+def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with PIL bilinear, as the reference's ResizeShortestEdge.
+
+    Returns ``image`` itself when it already has ``shape``.
+    """
+    new_h, new_w = shape
+    if image.shape[:2] == (new_h, new_w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+
+def _check_image(image: object) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {desc}")
+
+
 def _bilinear_taps(n_in: int, n_out: int, device: torch.device):
     """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis."""
     scale = n_in / n_out
@@ -121,29 +138,41 @@ class Segmenter:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _prepare(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> [3, h, w] uint8 tensor resized for the model."""
-        if (
-            not isinstance(image, np.ndarray)
-            or image.ndim != 3
-            or image.shape[2] != 3
-            or image.dtype != np.uint8
-        ):
-            desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {desc}")
-        height, width = image.shape[:2]
-        if self.short_side is not None:
-            new_h, new_w = resized_shape(height, width, self.short_side, self.max_long_side)
-            if (new_h, new_w) != (height, width):
-                # PIL bilinear on uint8, as the reference's ResizeShortestEdge.
-                image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) an original of ``height`` x ``width`` is resized to before the model."""
+        if self.short_side is None:
+            return height, width
+        return resized_shape(height, width, self.short_side, self.max_long_side)
+
+    def _prepare(self, image: np.ndarray, original: tuple[int, int]) -> torch.Tensor:
+        """(H, W, 3) uint8 -> [3, h, w] uint8 tensor at the model input size of an ``original``-sized image.
+
+        An image that is already at that size (resized by a decode stage elsewhere) is used as it is.
+        """
+        image = resize_image(image, self.input_shape(*original))
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # copies: inputs may be read-only
 
     def predict(
-        self, images: Sequence[np.ndarray], *, return_probabilities: bool = False
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
+        return_probabilities: bool = False,
     ) -> list[Prediction]:
-        """Segment a batch of (H, W, 3) uint8 RGB arrays of any sizes; one Prediction per image."""
-        prepared = [self._prepare(im) for im in images]
+        """Segment a batch of (H, W, 3) uint8 RGB arrays of any sizes; one Prediction per image.
+
+        output_sizes: per image, the (height, width) of the original it was made from, when a caller has
+        already resized it (``resize_image(image, segmenter.input_shape(height, width))``): results come
+        at that size, exactly as if the original had been passed. Default: each image's own size.
+        """
+        for image in images:
+            _check_image(image)
+        if output_sizes is None:
+            output_sizes = [image.shape[:2] for image in images]
+        if len(output_sizes) != len(images):
+            raise ValueError(f"{len(output_sizes)} output sizes for {len(images)} images")
+        output_sizes = [(int(h), int(w)) for h, w in output_sizes]
+        prepared = [self._prepare(im, size) for im, size in zip(images, output_sizes)]
         div = self.model.config.size_divisibility
         groups: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(prepared):
@@ -177,9 +206,8 @@ class Segmenter:
                     )
                     for j, i in enumerate(chunk):
                         h, w = sizes[j]
-                        original = images[i].shape[:2]
                         results[i] = self._postprocess(
-                            weights[j], masks[j, :, :h, :w], original, return_probabilities
+                            weights[j], masks[j, :, :h, :w], output_sizes[i], return_probabilities
                         )
         return results  # type: ignore[return-value]
 

@@ -630,3 +630,17 @@ def test_tiny_round_trip(tmp_path):
 
 def test_checkpoint_reexports_the_converter():
     assert checkpoint.convert_official_state_dict is convert_official_state_dict
+
+
+def test_load_model_names_every_kind_of_weights(tmp_path, monkeypatch):
+    with pytest.warns(checkpoint.RandomWeightsWarning, match="random weights"):
+        tiny = checkpoint.load_model("tiny")
+    assert tiny.config.name == "tiny"
+    path = str(tmp_path / "m.pt")
+    checkpoint.save(tiny, path)
+    assert checkpoint.load_model(path).config == tiny.config
+    monkeypatch.setattr(checkpoint, "DEMO_WEIGHTS", str(tmp_path / "absent.pt"))
+    with pytest.raises(checkpoint.WeightsUnavailableError, match="demo weights are missing"):
+        checkpoint.load_model("demo")
+    monkeypatch.setattr(checkpoint, "DEMO_WEIGHTS", path)
+    assert checkpoint.load_model("demo").config == tiny.config

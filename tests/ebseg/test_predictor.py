@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ebseg.build import build_ebseg
-from ebseg.predictor import Segmenter, _bilinear_taps, resized_shape
+from ebseg.predictor import Segmenter, _bilinear_taps, resize_image, resized_shape
 from ebseg.vocab import Vocabulary
 
 
@@ -43,6 +43,21 @@ def test_result_does_not_depend_on_batch_neighbours(segmenter, photos):
     together = segmenter.predict([photos[2], photos[0][:, ::-1].copy(), photos[0]], return_probabilities=True)
     np.testing.assert_array_equal(alone.label_map, together[2].label_map)
     np.testing.assert_allclose(alone.probabilities, together[2].probabilities, rtol=1e-5, atol=1e-6)
+
+
+def test_pre_resized_input_gives_the_original_result(segmenter, photos):
+    """A decode stage may resize before the model; with output_sizes the result is the original's."""
+    original = photos[1]  # coffee, 400x600
+    h, w = original.shape[:2]
+    small = resize_image(original, segmenter.input_shape(h, w))
+    assert small.shape[:2] == (160, 240)
+    direct = segmenter.predict([original], return_probabilities=True)[0]
+    via_small = segmenter.predict([small], output_sizes=[(h, w)], return_probabilities=True)[0]
+    assert via_small.label_map.shape == (h, w)
+    np.testing.assert_array_equal(direct.label_map, via_small.label_map)
+    np.testing.assert_array_equal(direct.probabilities, via_small.probabilities)
+    with pytest.raises(ValueError, match="2 output sizes for 1 images"):
+        segmenter.predict([small], output_sizes=[(h, w), (h, w)])
 
 
 def test_text_embeddings_are_cached_per_vocabulary(segmenter):

@@ -1,0 +1,71 @@
+"""Storage I/O on any fsspec URI: local paths, ``file://``, ``s3://``, ``gs://``, ``memory://``.
+
+S3-compatible stores are configured from the environment alone, as boto3 and the AWS CLI read it
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ...),
+or from explicit ``storage_options`` passed to fsspec. Credentials never travel in specs or outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def url_to_fs(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``uri`` and the path inside it (no protocol prefix for object stores)."""
+    fs, path = fsspec.core.url_to_fs(str(uri), **dict(storage_options or {}))
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended with ``/`` (fsspec paths use ``/`` on every store)."""
+    out = str(uri).rstrip("/")
+    for part in parts:
+        out = f"{out}/{str(part).strip('/')}"
+    return out
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URI that names ``path`` on ``fs`` again (``s3://bucket/key``; plain paths stay plain)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so a reader sees either no file or the whole file.
+
+    Local files go to a temporary name in the same directory and are renamed (atomic on POSIX). On object
+    stores a single PUT of the whole body is atomic already: the object appears only when complete.
+    """
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
+    write_bytes_atomic(fs, path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
