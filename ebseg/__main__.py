@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("images", nargs="*", help="image files (default: two sample photos)")
     seg.add_argument("--model", default="tiny", help="preset (tiny/base/large) or checkpoint path/URI")
     seg.add_argument("--vocabulary", default="ade150", help="benchmark name, file, or 'cat,dog,tree'")
-    seg.add_argument("--short-side", type=int, default=640)
+    seg.add_argument("--short-side", type=int, default=None, help="default: the model's own (640 for base)")
     seg.add_argument("--device", default=None)
     seg.add_argument("--out", default=None, help="folder to write <name>.png label maps into")
     args = parser.parse_args(argv)
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         parser.error(f"--vocabulary: {exc}")
     model = _load_model(args.model)
-    segmenter = Segmenter(model, vocab, short_side=args.short_side, device=args.device)
+    short_side = "model" if args.short_side is None else args.short_side
+    segmenter = Segmenter(model, vocab, short_side=short_side, device=args.device)
     images = _load_images(args.images)
     start = time.perf_counter()
     preds = segmenter.predict([im for _, im in images])

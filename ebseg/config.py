@@ -102,6 +102,9 @@ class EBSegConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     size_divisibility: int = 32  # each image is padded to a multiple of this
+    # Inference resizes an image so its short side has this length (the paper's 640); a model trained at
+    # another scale (the demo) records its own here, so Segmenter picks the right size by default.
+    short_side: int = 640
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

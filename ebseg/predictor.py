@@ -87,8 +87,9 @@ def _bilinear_taps(n_in: int, n_out: int, device: torch.device):
 class Segmenter:
     """Open-vocabulary semantic segmentation with an EBSeg model.
 
-    short_side: resize each image so its short side has this length before the model (640 as in the
-    paper), or None to run at the input size. device: "cuda", "cpu", ... (default: CUDA when available).
+    short_side: resize each image so its short side has this length before the model; "model" (default)
+    takes the model config's (640 for base and large, as in the paper); None runs at the input size.
+    device: "cuda", "cpu", ... (default: CUDA when available).
     amp_dtype: torch.bfloat16 / torch.float16 to run the model under autocast (GPU), None for float32.
     """
 
@@ -97,7 +98,7 @@ class Segmenter:
         model: EBSeg,
         vocabulary: Vocabulary | Sequence[str],
         *,
-        short_side: int | None = 640,
+        short_side: int | str | None = "model",
         max_long_side: int = 2560,
         batch_size: int = 4,
         device: str | torch.device | None = None,
@@ -107,7 +108,7 @@ class Segmenter:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.short_side = short_side
+        self.short_side = model.config.short_side if short_side == "model" else short_side
         self.max_long_side = max_long_side
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
