@@ -1,0 +1,420 @@
+"""Labelling inputs: list any fsspec URI as input shards, and read a shard into raw image rows.
+
+Three kinds of input, told apart by file name (a URI may mix them):
+
+- image files (extensions in ``IMAGE_EXTENSIONS``) under a prefix, matching a glob
+  (``s3://b/photos/**/*.jpg``), or named one by one: grouped ``files_per_shard`` at a time in the
+  lexicographic order of their paths;
+- WebDataset-style tar shards (``.tar``, ``.tar.gz``, ``.tgz``): one shard each; members whose name ends in
+  an image extension (``000123.jpg``) are the images, other members (``.json``, ``.cls``, ...) are skipped;
+- Parquet files (``.parquet``, ``.pq``) with an image-bytes column: one shard each; the column holds encoded
+  image bytes (binary or large_binary), or a struct with a ``bytes`` field (Hugging Face ``datasets`` Image).
+
+Names starting with ``.`` (hidden files and directories, macOS ``._x.jpg`` forks) are skipped.
+
+Listing streams: the prefix is walked directory by directory in sorted order (one ``ls`` per directory,
+which lists one level on object stores: a delimiter listing), and a shard is yielded as soon as it is
+formed. Memory holds the listings of the directory being walked and of its ancestors, so one directory
+with millions of entries is held at once, but a bucket of many directories never is.
+
+Shard ids are deterministic and safe as file names: a rerun over the same input forms the same shards.
+Files shards are ``files-<ordinal>-<hash of the member list>``; adding or removing a file changes the
+shards from that file's position on, never the ones before it. Tar and Parquet shards are
+``tar-<stem>-<hash of the URI>`` and ``parquet-<stem>-<hash of the URI>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.utils import glob_translate
+
+from pipeline.storage import full_uri, is_local, url_to_fs
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    [
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+    ]
+)
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+
+# Files fetched at once when reading a files shard: concurrent requests on object stores, bounded memory.
+READ_CHUNK = 32
+# Rows decoded at once from a Parquet image column.
+PARQUET_BATCH_ROWS = 64
+
+Kind = Literal["files", "tar", "parquet"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The unit of work and of resume: one tar, one Parquet file, or a group of image files.
+
+    uris: full URIs (``s3://bucket/key``, ``memory:///x``; absolute paths for local files), sorted for
+    files shards, one URI for tar and Parquet shards.
+    """
+
+    shard_id: str
+    kind: Kind
+    uris: tuple[str, ...]
+
+    def to_row(self) -> dict[str, Any]:
+        """The shard as a dataset row (``uris`` as a list), e.g. for ``ray.data.from_items``."""
+        return {"shard_id": self.shard_id, "kind": self.kind, "uris": list(self.uris)}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Shard:
+        """The inverse of ``to_row``; ``uris`` may come back as a list or a numpy array."""
+        return cls(shard_id=str(row["shard_id"]), kind=row["kind"], uris=tuple(str(u) for u in row["uris"]))
+
+
+def image_id(source_uri: str, member: str | None) -> str:
+    """Stable, unique id of one input image: 24 hex digits of SHA-256 over ``source_uri`` and ``member``.
+
+    The same file (or tar member, or Parquet row) at the same URI always gets the same id; local files are
+    named by their absolute path, so moving a local input directory changes its ids.
+    """
+    key = source_uri if member is None else f"{source_uri}\x00{member}"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def _safe_stem(name: str) -> str:
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (*TAR_EXTENSIONS, *PARQUET_EXTENSIONS):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._")[:48] or "x"
+
+
+def input_kind(name: str) -> Kind | None:
+    """ "files" for an image file name, "tar", "parquet", or None for anything else."""
+    lower = name.lower()
+    if lower.endswith(TAR_EXTENSIONS):
+        return "tar"
+    if lower.endswith(PARQUET_EXTENSIONS):
+        return "parquet"
+    if os.path.splitext(lower)[1] in IMAGE_EXTENSIONS:
+        return "files"
+    return None
+
+
+# --- listing
+
+
+def _list_dir(fs: fsspec.AbstractFileSystem, directory: str) -> list[tuple[str, bool]]:
+    """One level of ``directory``: (path, is_directory), sorted so a depth-first walk visits paths in
+    lexicographic order (a directory sorts as ``name/``, as its keys do on an object store)."""
+    entries = fs.ls(directory, detail=True)
+    # s3fs caches every listing on the instance; dropping it keeps a walk of a huge bucket from piling up.
+    fs.invalidate_cache(directory)
+    own = directory.rstrip("/")
+    out = []
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if name == own or name.rsplit("/", 1)[-1].startswith("."):
+            continue
+        is_dir = entry.get("type") == "directory"
+        if is_dir or entry.get("type") == "file":
+            out.append((name, is_dir))
+    out.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
+    return out
+
+
+def _walk(fs: fsspec.AbstractFileSystem, directory: str, depth_left: int | None) -> Iterator[str]:
+    """File paths under ``directory`` in lexicographic order, listing each directory only when reached."""
+    for path, is_dir in _list_dir(fs, directory):
+        if not is_dir:
+            yield path
+        elif depth_left is None or depth_left > 0:
+            yield from _walk(fs, path, None if depth_left is None else depth_left - 1)
+
+
+def _has_magic(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _walk_glob(fs: fsspec.AbstractFileSystem, pattern: str, uri: str) -> Iterator[str]:
+    """Files matching ``pattern`` (``**`` spans directories), walking only below its fixed prefix."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if _has_magic(part))
+    root = "/".join(parts[:fixed])
+    if not root.strip("/"):
+        raise ValueError(f"glob {uri!r} needs a fixed directory before its first wildcard")
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"no directory {root!r} for the glob {uri!r}")
+    # Without "**" nothing deeper than the pattern's own depth can match: do not list it.
+    depth = None if "**" in parts else len(parts) - fixed - 1
+    regex = re.compile(glob_translate(pattern))
+    for path in _walk(fs, root, depth):
+        if regex.match(path):
+            yield path
+
+
+def _check_parquet_first(fs: fsspec.AbstractFileSystem, path: str, image_column: str) -> None:
+    uri = full_uri(fs, path)
+    with fs.open(path, "rb") as f:
+        schema = pq.read_schema(f)
+    problem = image_column_problem(schema, image_column)
+    if problem:
+        raise ValueError(f"{uri}: {problem}")
+
+
+def image_column_problem(schema: pa.Schema, image_column: str) -> str | None:
+    """Why ``image_column`` of ``schema`` cannot hold image bytes, or None when it can."""
+    if image_column not in schema.names:
+        return f"no image column {image_column!r} (columns: {', '.join(schema.names)})"
+    kind = schema.field(image_column).type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return None
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return None
+    return f"image column {image_column!r} has type {kind}; expected binary or a struct with a 'bytes' field"
+
+
+def list_shards(
+    uri: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    files_per_shard: int = 256,
+    image_column: str = "image",
+) -> Iterator[Shard]:
+    """The input shards at ``uri`` (a prefix, a glob, or one file), yielded while the listing goes on.
+
+    Raises FileNotFoundError when ``uri`` names nothing or holds no input, ValueError for a glob without a
+    fixed prefix or when the first Parquet file lacks ``image_column`` (checking every file would cost a
+    request each on the driver; the others are checked when read, and give per-row errors).
+    """
+    if files_per_shard < 1:
+        raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
+    fs, path = url_to_fs(uri, storage_options)
+    if _has_magic(path):
+        paths = _walk_glob(fs, path, uri)
+    elif fs.isfile(path):
+        if input_kind(path) is None:
+            raise ValueError(f"{uri} is not an image, tar or Parquet file (by its extension)")
+        paths = iter([path])
+    elif fs.isdir(path):
+        paths = _walk(fs, path, None)
+    else:
+        raise FileNotFoundError(f"input {uri!r} not found")
+
+    group: list[str] = []
+    groups = 0
+    count = 0
+    checked_parquet = False
+    for p in paths:
+        kind = input_kind(p)
+        if kind is None:
+            continue
+        if kind == "files":
+            group.append(full_uri(fs, p))
+            if len(group) == files_per_shard:
+                yield _files_shard(groups, group)
+                groups, group, count = groups + 1, [], count + 1
+            continue
+        if kind == "parquet" and not checked_parquet:
+            _check_parquet_first(fs, p, image_column)
+            checked_parquet = True
+        member_uri = full_uri(fs, p)
+        count += 1
+        yield Shard(f"{kind}-{_safe_stem(p)}-{_digest(member_uri)}", kind, (member_uri,))
+    if group:
+        yield _files_shard(groups, group)
+        count += 1
+    if count == 0:
+        raise FileNotFoundError(f"no image, tar or Parquet files at {uri!r}")
+
+
+def _files_shard(ordinal: int, uris: Sequence[str]) -> Shard:
+    return Shard(f"files-{ordinal:06d}-{_digest(*uris)}", "files", tuple(uris))
+
+
+# --- reading
+
+
+def _row(shard: Shard, size: int, source_uri: str, member: str | None, data, error) -> dict[str, Any]:
+    return {
+        "image_id": image_id(source_uri, member),
+        "source_uri": source_uri,
+        "member": member,
+        "shard_id": shard.shard_id,
+        "shard_size": size,
+        "data": data,
+        "error": error,
+    }
+
+
+def _reason(exc: BaseException) -> str:
+    return f"read: {type(exc).__name__}: {exc}"
+
+
+def read_shard(
+    shard: Shard, *, storage_options: Mapping[str, Any] | None = None, image_column: str = "image"
+) -> Iterator[dict[str, Any]]:
+    """Raw rows of ``shard``, one per image, failures included, in a deterministic order.
+
+    Row: ``image_id`` str (see ``image_id``), ``source_uri`` str (the file, tar or Parquet file),
+    ``member`` str | None (None for image files, the tar member name, or the Parquet row index),
+    ``shard_id`` str, ``shard_size`` int (rows this shard yields), ``data`` bytes | None,
+    ``error`` str | None ("read: ..." when the bytes could not be read, "empty: ..." for a null cell).
+    A tar or Parquet file that cannot be opened at all yields one error row with ``member`` None.
+    """
+    if shard.kind == "files":
+        yield from _read_files(shard, storage_options)
+    elif shard.kind == "tar":
+        yield from _read_tar(shard, storage_options)
+    elif shard.kind == "parquet":
+        yield from _read_parquet(shard, storage_options, image_column)
+    else:
+        raise ValueError(f"shard {shard.shard_id}: unknown kind {shard.kind!r}")
+
+
+def _read_files(shard: Shard, storage_options) -> Iterator[dict[str, Any]]:
+    size = len(shard.uris)
+    fs, _ = url_to_fs(shard.uris[0], storage_options)
+    for start in range(0, size, READ_CHUNK):
+        uris = list(shard.uris[start : start + READ_CHUNK])
+        paths = [url_to_fs(u, storage_options)[1] for u in uris]
+        # cat_ranges runs the requests concurrently on async stores and, unlike cat, never glob-expands
+        # names with "[" or "*" in them.
+        contents = fs.cat_ranges(paths, None, None, on_error="return")
+        for uri, data in zip(uris, contents, strict=True):
+            if isinstance(data, BaseException):
+                yield _row(shard, size, uri, None, None, _reason(data))
+            else:
+                yield _row(shard, size, uri, None, bytes(data), None)
+
+
+@contextlib.contextmanager
+def _local_copy(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """A local path with the file's bytes: the file itself, or a temporary download from a remote store.
+
+    A tar is read twice (its member list first, for ``shard_size``); a local copy reads the store once
+    and holds one tar on disk (in TMPDIR), not in memory.
+    """
+    if is_local(fs):
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(suffix=".tar", prefix="ebseg-shard-")
+    os.close(fd)
+    try:
+        fs.get_file(path, tmp)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def _read_tar(shard: Shard, storage_options) -> Iterator[dict[str, Any]]:
+    (uri,) = shard.uris
+    fs, path = url_to_fs(uri, storage_options)
+    with contextlib.ExitStack() as stack:
+        try:
+            local = stack.enter_context(_local_copy(fs, path))
+            tar = stack.enter_context(tarfile.open(local, mode="r:*"))
+        except (tarfile.TarError, OSError, EOFError) as exc:  # missing, not a tar, no access
+            yield _row(shard, 1, uri, None, None, _reason(exc))
+            return
+        members, scan_error = [], None
+        try:
+            for info in tar:
+                if info.isfile() and input_kind(info.name) == "files":
+                    members.append(info)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            scan_error = exc  # a truncated tar: keep the members before the damage
+        size = len(members) + (scan_error is not None)
+        for info in members:
+            try:
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                yield _row(shard, size, uri, info.name, data, None)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                yield _row(shard, size, uri, info.name, None, _reason(exc))
+        if scan_error is not None:
+            reason = f"tar unreadable after {len(members)} images: {type(scan_error).__name__}: {scan_error}"
+            yield _row(shard, size, uri, None, None, f"read: {reason}")
+
+
+def _image_bytes(column: pa.Array) -> list[bytes | None]:
+    if pa.types.is_struct(column.type):
+        column = column.field("bytes")
+    return column.to_pylist()
+
+
+def _read_parquet(shard: Shard, storage_options, image_column: str) -> Iterator[dict[str, Any]]:
+    (uri,) = shard.uris
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        f = fs.open(path, "rb")
+    except Exception as exc:
+        yield _row(shard, 1, uri, None, None, _reason(exc))
+        return
+    with f:
+        try:
+            parquet = pq.ParquetFile(f)
+            size = parquet.metadata.num_rows
+            problem = image_column_problem(parquet.schema_arrow, image_column)
+        except Exception as exc:
+            yield _row(shard, 1, uri, None, None, _reason(exc))
+            return
+        index = 0
+        if problem is None:
+            try:
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_column]):
+                    for data in _image_bytes(batch.column(0)):
+                        error = f"empty: null in column {image_column!r}" if data is None else None
+                        yield _row(shard, size, uri, str(index), data, error)
+                        index += 1
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"  # damaged row group: the rest become errors
+        for rest in range(index, size):
+            yield _row(shard, size, uri, str(rest), None, f"read: {problem}")
+
+
+class ReadShard:
+    """``Dataset.flat_map`` callable: a shard row (``Shard.to_row()`` columns) -> its raw rows.
+
+    ``ds.flat_map(ReadShard(storage_options=..., image_column=...))``; the rows stream out of a generator,
+    so a shard's bytes are never all held at once (Ray cuts its output into blocks as it goes).
+    """
+
+    def __init__(self, *, storage_options: Mapping[str, Any] | None = None, image_column: str = "image"):
+        self.storage_options = dict(storage_options or {})
+        self.image_column = image_column
+
+    def __call__(self, row: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        return read_shard(
+            Shard.from_row(row), storage_options=self.storage_options, image_column=self.image_column
+        )
