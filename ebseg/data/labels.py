@@ -1,0 +1,86 @@
+"""Label maps in memory and on disk.
+
+In memory a label map is an int32 array of class ids with ``IGNORE_INDEX`` (-1) on unlabelled pixels. On disk
+(the detectron2 layout, Parquet label bytes) it is a single-channel PNG: 8-bit with 255 = ignore, or 16-bit
+with 65535 = ignore when a dataset has more than 255 classes. Palette PNGs (VOC style: the palette index is
+the class id) and 8/16-bit TIFFs (ADE-847's full-set labels) read the same way.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IGNORE_INDEX = -1
+
+IGNORE_8BIT = 255
+IGNORE_16BIT = 65535
+
+# Pillow modes of single-channel label files, by the ignore value their bit depth uses.
+_MODES_8BIT = {"L", "P"}
+_MODES_16BIT = {"I;16", "I;16B", "I;16L", "I"}
+
+
+def decode_label(data: bytes, *, name: str = "label") -> np.ndarray:
+    """Encoded label file -> int32 [H, W] class ids, ignore pixels = ``IGNORE_INDEX``.
+
+    ``name`` (a file or image id) prefixes error messages.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = img.mode
+            array = np.asarray(img)
+    except Exception as e:  # Pillow raises several unrelated types for corrupt files
+        raise ValueError(f"{name}: cannot decode the label file ({type(e).__name__}: {e})") from e
+    if mode in _MODES_8BIT:
+        ignore = IGNORE_8BIT
+    elif mode in _MODES_16BIT:
+        ignore = IGNORE_16BIT
+    else:
+        raise ValueError(
+            f"{name}: a label file must be a single-channel 8- or 16-bit image of class ids, "
+            f"got mode {mode!r}"
+        )
+    label = array.astype(np.int32)
+    if mode == "I" and (label.min(initial=0) < 0 or label.max(initial=0) > IGNORE_16BIT):
+        raise ValueError(f"{name}: 32-bit label values outside 0..65535")
+    label[label == ignore] = IGNORE_INDEX
+    return label
+
+
+def label_bits(num_classes: int) -> int:
+    """Bits per pixel (8 or 16) for ``num_classes`` classes on disk; 255 is the 8-bit ignore value."""
+    if num_classes <= IGNORE_8BIT:
+        return 8
+    if num_classes <= IGNORE_16BIT:
+        return 16
+    raise ValueError(f"{num_classes} classes do not fit a 16-bit label file (at most {IGNORE_16BIT})")
+
+
+def encode_label(label: np.ndarray, *, bits: int | None = None) -> bytes:
+    """int32 [H, W] class ids (``IGNORE_INDEX`` = ignore) -> PNG bytes, 8- or 16-bit.
+
+    ``bits=None`` picks 8 when every id is below 255, else 16. A dataset writer should pass the bits of its
+    class count (:func:`label_bits`) so every file of the dataset has the same depth.
+    """
+    label = np.asarray(label)
+    if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
+        raise ValueError(f"label must be an integer [H, W] array, got {label.dtype} {label.shape}")
+    valid = label[label != IGNORE_INDEX]
+    low, high = int(valid.min(initial=0)), int(valid.max(initial=0))
+    if low < 0:
+        raise ValueError(f"label has negative class id {low} (only {IGNORE_INDEX} marks ignore)")
+    if bits is None:
+        bits = 8 if high < IGNORE_8BIT else 16
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    ignore = IGNORE_8BIT if bits == 8 else IGNORE_16BIT
+    if high >= ignore:
+        raise ValueError(f"class id {high} does not fit a {bits}-bit label file ({ignore} means ignore)")
+    out = np.where(label == IGNORE_INDEX, ignore, label).astype(np.uint8 if bits == 8 else np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(out).save(buffer, format="PNG")
+    return buffer.getvalue()
