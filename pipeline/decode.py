@@ -155,6 +155,13 @@ def decode_image(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         im.close()
 
 
+def _strings_or_none(values: np.ndarray) -> np.ndarray:
+    """Ray hands an all-null Arrow column (``member`` of a files shard) to numpy batches as float NaN."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = [v if isinstance(v, str) else None for v in values]
+    return out
+
+
 class DecodeImages:
     """``map_batches`` step: raw rows (``pipeline.sources.read_shard``) -> decoded rows for the model.
 
@@ -209,6 +216,8 @@ class DecodeImages:
             errors[i] = error
             elapsed[i] = (time.perf_counter() - start) * 1000
         out = {key: value for key, value in batch.items() if key != "data"}
+        if "member" in out:
+            out["member"] = _strings_or_none(out["member"])
         out.update(
             width=widths, height=heights, status=statuses, error=errors, image=images, decode_ms=elapsed
         )
