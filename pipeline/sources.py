@@ -45,24 +45,12 @@ from pipeline.storage import full_uri, is_local, url_to_fs
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    [
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".tif",
-        ".tiff",
-        ".webp",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".pnm",
-    ]
-)
+# fmt: off
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp",
+    ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
+})
+# fmt: on
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 
@@ -232,12 +220,12 @@ def list_shards(
         raise FileNotFoundError(f"input {uri!r} not found")
 
     group: list[str] = []
-    groups = 0
-    count = 0
+    groups = count = skipped = 0
     checked_parquet = False
     for p in paths:
         kind = input_kind(p)
         if kind is None:
+            skipped += 1
             continue
         if kind == "files":
             group.append(full_uri(fs, p))
@@ -256,6 +244,8 @@ def list_shards(
         count += 1
     if count == 0:
         raise FileNotFoundError(f"no image, tar or Parquet files at {uri!r}")
+    if skipped:
+        logger.info("%s: skipped %d files that are not images, tar or Parquet", uri, skipped)
 
 
 def _files_shard(ordinal: int, uris: Sequence[str]) -> Shard:
@@ -290,7 +280,9 @@ def read_shard(
     ``member`` str | None (None for image files, the tar member name, or the Parquet row index),
     ``shard_id`` str, ``shard_size`` int (rows this shard yields), ``data`` bytes | None,
     ``error`` str | None ("read: ..." when the bytes could not be read, "empty: ..." for a null cell).
-    A tar or Parquet file that cannot be opened at all yields one error row with ``member`` None.
+    A tar or Parquet file that cannot be opened at all yields one error row with ``member`` None; a tar
+    cut short yields its images before the damage and one such row for the rest. A tar without image
+    members or an empty Parquet file yields no rows.
     """
     if shard.kind == "files":
         yield from _read_files(shard, storage_options)

@@ -267,12 +267,20 @@ def test_mixed_kinds_under_one_prefix(tmp_path, pictures):
     assert [Shard.from_row(s.to_row()) for s in shards] == shards
 
 
-def test_s3_with_explicit_storage_options(s3_server, monkeypatch, pictures):
+def test_file_uri_names_the_same_input_as_the_path(tmp_path, pictures):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "1.jpg").write_bytes(pictures[0])
+    assert list(list_shards(f"file://{tmp_path}")) == list(list_shards(str(tmp_path)))
+    [shard] = list(list_shards(f"file://{tmp_path}/d/1.jpg"))
+    assert shard.uris == (str(tmp_path / "d" / "1.jpg"),)
+
+
+def test_s3_bucket_root_with_explicit_storage_options(s3_server, monkeypatch, pictures):
     bucket = s3_server.bucket("options")
     s3_server.filesystem().pipe_file(f"{bucket}/p/1.jpg", pictures[0])
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the options below can find the server now
     options = {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}, "skip_instance_cache": True}
-    [shard] = list(list_shards(f"s3://{bucket}/p", storage_options=options))
+    [shard] = list(list_shards(f"s3://{bucket}", storage_options=options))
     assert shard.uris == (f"s3://{bucket}/p/1.jpg",)
     [row] = read_shard(shard, storage_options=options)
     assert row["data"] == pictures[0] and row["error"] is None
