@@ -163,6 +163,13 @@ def segments(labels: np.ndarray, scores: np.ndarray, names: Sequence[str]) -> li
 # ----------------------------------------------------------------------------------------------- records
 
 
+def _text(value: Any) -> str | None:
+    """A string column's value; None for None and for NaN (Ray hands an all-null column over as float NaN)."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    return str(value)
+
+
 def _size(value: Any) -> int | None:
     return int(value) if value is not None and int(value) > 0 else None
 
@@ -179,13 +186,13 @@ def record(row: Mapping[str, Any], *, names: Sequence[str], provenance: Provenan
     labels = row["labels"] if ok else None
     out = {
         "image_id": str(row["image_id"]),
-        "source_uri": None if row.get("source_uri") is None else str(row["source_uri"]),
+        "source_uri": _text(row.get("source_uri")),
         "shard_id": str(row["shard_id"]),
-        "member": None if row.get("member") is None else str(row["member"]),
+        "member": _text(row.get("member")),
         "width": _size(row.get("width")),
         "height": _size(row.get("height")),
         "status": "ok" if ok else "error",
-        "error": None if ok else str(row.get("error") or "unknown: no message"),
+        "error": None if ok else (_text(row.get("error")) or "unknown: no message"),
         "label_map": encode_label_map(labels) if ok else None,
         "segments": segments(labels, row["scores"], names) if ok else None,
         "model_id": provenance.model_id,

@@ -1,0 +1,70 @@
+"""A progress line for a labelling run: shards and images done, images/s.
+
+On a terminal the line is rewritten in place (carriage return) a few times a second; elsewhere (Ray job
+logs, CI, files) a plain line is printed every ``interval`` seconds, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    """Call :meth:`update` as work completes and :meth:`close` at the end (prints the final line)."""
+
+    def __init__(
+        self,
+        *,
+        total_shards: int,
+        skipped_shards: int = 0,
+        stream: TextIO | None = None,
+        interval: float = 5.0,
+        enabled: bool = True,
+    ):
+        self.stream = stream if stream is not None else sys.stderr
+        self.total_shards = total_shards
+        self.skipped_shards = skipped_shards
+        self.enabled = enabled
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.interval = 0.2 if self.tty else interval
+        self.start = time.monotonic()
+        self._last = -float("inf")
+        self._width = 0
+        self.shards = 0
+        self.images = 0
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        done = self.skipped_shards + self.shards
+        skipped = f" ({self.skipped_shards} skipped)" if self.skipped_shards else ""
+        return (
+            f"labelling: {done}/{self.total_shards} shards{skipped}, {self.images} images, "
+            f"{rate:.2f} images/s, {elapsed:.0f} s"
+        )
+
+    def update(self, *, shards: int = 0, images: int = 0) -> None:
+        """Add ``shards`` committed and ``images`` labelled since the last call; print when it is time."""
+        self.shards += shards
+        self.images += images
+        now = time.monotonic()
+        if self.enabled and now - self._last >= self.interval:
+            self._last = now
+            self._print()
+
+    def _print(self, final: bool = False) -> None:
+        if self.tty:
+            line = self.line()
+            # Pad over a longer previous line instead of relying on terminal escape codes.
+            self.stream.write("\r" + line.ljust(self._width) + ("\n" if final else ""))
+            self._width = len(line)
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._print(final=True)
