@@ -164,7 +164,11 @@ def test_ce_weights_no_object_and_ignores_nothing():
 def test_branch_b_reuses_branch_a_matching():
     targets = halves()
     out = predictions(targets, {0: 3, 1: 1}, layers=1)
-    # Branch B confidently prefers other queries; its loss must still use A's assignment.
+    # Queries 0 and 4 repeat the perfect masks of 3 and 1, so only the class logits decide the matching:
+    # A's say (3, 1), B's confidently say (0, 4). B's loss must still use A's assignment.
+    masks = out.pred_masks[-1].detach().clone()
+    masks[0, 0], masks[0, 4] = masks[0, 3], masks[0, 1]
+    out.pred_masks[-1] = masks
     b = out.logits_b[-1].detach().clone()
     b[0] = torch.randn(Q, K + 1, generator=torch.Generator().manual_seed(1))
     b[0, 0, 0] = b[0, 4, 2] = BIG
@@ -173,6 +177,7 @@ def test_branch_b_reuses_branch_a_matching():
     result = build_criterion(cfg).compute(out, [targets])
     classes = torch.full((1, Q), K)
     classes[0, 3], classes[0, 1] = 0, 2
+    assert result.indices[-1][0][0].tolist() == [1, 3]
     torch.testing.assert_close(result.terms["loss_ce_b"], manual_ce(b, classes, 0.1))
     assert result.terms["loss_ce_b"] > 1.0  # B is wrong about those queries
 
@@ -239,9 +244,16 @@ def test_an_image_without_targets_gives_finite_losses_and_a_working_backward():
     affinity = text_affinity(torch.randn(K, 8))
     criterion = build_criterion("tiny")
     out = random_outputs(2)
-    terms = criterion(out, [halves(), empty], affinity)
+    # Same generator seed below: image 0's final-layer matching points are the first draw in both calls.
+    terms = criterion(out, [halves(), empty], affinity, generator=torch.Generator().manual_seed(0))
     loss = total_loss(terms)
     assert torch.isfinite(loss) and terms["loss_ssc"] > 0  # the other image still has an SSC term
+    # SSC is the mean over images with targets: the empty image neither adds nor dilutes.
+    first = EBSegOutput(
+        *[[t[:1] for t in part] for part in (out.pred_masks, out.logits_a, out.logits_b, out.embeddings_a)]
+    )
+    alone = criterion(first, [halves()], affinity, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(terms["loss_ssc"], alone["loss_ssc"])
     loss.backward()
     assert out.pred_masks[-1].grad[0].abs().sum() > 0
     # No targets anywhere: CE still trains towards no-object, mask terms and SSC are 0, backward works.
