@@ -171,8 +171,9 @@ class DecodeImages:
     Batch format "numpy" (a dict of arrays), in and out. Every input column but ``data`` passes through;
     added or set: ``width``, ``height`` int32 (the original, upright size; 0 on error), ``status``
     ("ok" / "error"), ``error`` (None, or a string starting with a code of ``REASONS``), ``image`` (an
-    object array of (h, w, 3) uint8 arrays, ragged; an empty (0, 0, 3) one on error), ``decode_ms``
-    float32. Never raises for a bad image: each failure is a row.
+    object array of (h, w, 3) uint8 arrays, ragged, maybe read-only; an empty (0, 0, 3) one on error),
+    ``decode_ms`` float32 (decode + resize of the row). ``member`` comes out as None or str (Ray hands an
+    all-null column in as NaN). Never raises for a bad image: each failure is a row.
 
     Stateless, so it runs as tasks: ``ds.map_batches(DecodeImages(640), batch_format="numpy")``.
     """

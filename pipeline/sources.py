@@ -171,13 +171,20 @@ def _walk_glob(fs: fsspec.AbstractFileSystem, pattern: str, uri: str) -> Iterato
             yield path
 
 
-def _check_parquet_first(fs: fsspec.AbstractFileSystem, path: str, image_column: str) -> None:
+def _check_parquet_column(fs: fsspec.AbstractFileSystem, path: str, image_column: str) -> bool:
+    """Raise ValueError when the file lacks a usable ``image_column``; False when its schema is unreadable
+    (a damaged file is the reader's to report, as error rows, not a reason to stop the listing)."""
     uri = full_uri(fs, path)
-    with fs.open(path, "rb") as f:
-        schema = pq.read_schema(f)
+    try:
+        with fs.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+    except Exception as exc:
+        logger.warning("%s: cannot read the Parquet schema (%s); checking the next file", uri, exc)
+        return False
     problem = image_column_problem(schema, image_column)
     if problem:
         raise ValueError(f"{uri}: {problem}")
+    return True
 
 
 def image_column_problem(schema: pa.Schema, image_column: str) -> str | None:
@@ -234,8 +241,7 @@ def list_shards(
                 groups, group, count = groups + 1, [], count + 1
             continue
         if kind == "parquet" and not checked_parquet:
-            _check_parquet_first(fs, p, image_column)
-            checked_parquet = True
+            checked_parquet = _check_parquet_column(fs, p, image_column)
         member_uri = full_uri(fs, p)
         count += 1
         yield Shard(f"{kind}-{_safe_stem(p)}-{_digest(member_uri)}", kind, (member_uri,))
@@ -342,7 +348,8 @@ def _read_tar(shard: Shard, storage_options) -> Iterator[dict[str, Any]]:
         members, scan_error = [], None
         try:
             for info in tar:
-                if info.isfile() and input_kind(info.name) == "files":
+                hidden = info.name.rsplit("/", 1)[-1].startswith(".")  # e.g. macOS "._x.jpg" forks
+                if info.isfile() and not hidden and input_kind(info.name) == "files":
                     members.append(info)
         except (tarfile.TarError, OSError, EOFError) as exc:
             scan_error = exc  # a truncated tar: keep the members before the damage

@@ -188,6 +188,7 @@ def test_tar_shards(store, pictures):
     tar = make_tar([
         ("000001.jpg", pictures[0]), ("000001.json", b'{"a": 1}'), ("sub", None),
         ("sub/000002.png", pictures[1]), ("000003.jpg", b"\xff\xd8 corrupt"), ("000004.cls", b"3"),
+        ("sub/._000002.png", b"macOS fork"),
     ])  # fmt: skip
     put(fs, f"{root}/shards/part-0.tar", tar)
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
@@ -252,9 +253,14 @@ def test_parquet_struct_column_and_damaged_file(tmp_path, pictures):
     [shard] = list(list_shards(str(tmp_path / "hf.parquet")))
     assert [r["data"] for r in read_shard(shard)] == pictures[:2]
 
+    # A damaged file does not stop the listing (it sorts first: the column is checked on the next file).
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
-    [row] = read_shard(Shard("parquet-bad-0", "parquet", (str(tmp_path / "bad.parquet"),)))
-    assert row["error"].startswith("read: ") and row["shard_size"] == 1
+    shards = list(list_shards(str(tmp_path)))
+    assert [s.uris[0].rsplit("/", 1)[-1] for s in shards] == ["bad.parquet", "hf.parquet"]
+    [row] = read_shard(shards[0])
+    assert row["error"].startswith("read: ") and row["shard_size"] == 1 and row["member"] is None
+    with pytest.raises(ValueError, match="no image column 'img'"):
+        list(list_shards(str(tmp_path), image_column="img"))
 
 
 def test_mixed_kinds_under_one_prefix(tmp_path, pictures):
