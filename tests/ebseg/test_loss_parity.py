@@ -4,15 +4,18 @@
 indices for the reference run's pseudo-random weights, two 320x320 photos in training mode, COCO-Stuff-171
 classes and half/half synthetic targets. ``losses_all_pixels`` replaced every random point draw (matcher
 and losses) by the 320x320 pixel centres; ``losses_random_points`` kept the random draws after
-``torch.manual_seed(0)``. Our forward draws no random numbers and the criterion draws its points in the
-reference's order and shapes (final prediction first, per image a [1, P, 2] matching draw, then
-importance sampling), so seeding right before the criterion replays that run too.
+``torch.manual_seed(0)`` before the forward. The criterion draws its points in the reference's order and
+shapes (final prediction first; per image a [1, P, 2] matching draw, then the importance sampling draws),
+so seeding right before our criterion replays that run too (evidently the reference's training forward
+draws no random numbers: the replay matches).
 
 Tolerance: relative 1e-4 per term. The terms are float32 sums over up to 10^5 points after ~30 layers of
-float32 arithmetic; the measured worst case is ~3e-6 (all pixels) and ~1.4e-5 (random points, where a
-near-tie among the most uncertain candidates can swap one point). The decoder's attention masks threshold
-sigmoid(mask) at 0.5 with margins down to 1e-8 under these weights; a flip would move whole queries and
-show up here as a larger difference, which this tolerance does not excuse. Matcher indices must be equal.
+float32 arithmetic; the measured worst cases are 3.1e-6 (all pixels, loss_ce) and 1.3e-5 (random points,
+loss_dice_3: there one mask's 9408th and 9409th most uncertain candidates differ by 1.1e-8 in |logit|, so
+float32 rounding of the mask logits decides which of the two points is kept). The decoder's attention
+masks threshold sigmoid(mask) at 0.5 with margins down to 1e-8 under these weights; a flip would move whole
+queries and show up as a larger difference, which this tolerance does not excuse. Matcher indices must be
+equal.
 """
 
 from __future__ import annotations
