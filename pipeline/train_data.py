@@ -1,6 +1,7 @@
 """Training pairs (image, label map) from storage, and the Ray Data augmentation stage.
 
-A training set lives at any fsspec URI (local path, ``s3://``, ``memory://``) in one of two layouts:
+A training set lives at any fsspec URI (local path, ``s3://``, ``gs://``; ``memory://`` too, which the driver
+reads since Ray's workers cannot see it) in one of two layouts:
 
 - folder (detectron2): ``images/`` and ``annotations/`` matched by relative path without extension; images
   jpg/jpeg/png/webp/bmp/tif, annotations 8-bit PNG (255 = ignore) or 16-bit PNG/TIFF (65535 = ignore);
@@ -238,16 +239,30 @@ def read_parquet_file(batch: dict[str, np.ndarray], *, storage_options: Mapping[
                 yield table.select(list(COLUMNS)).cast(PAIR_SCHEMA)
 
 
+def _process_local(uri: str, storage_options: Mapping[str, Any] | None) -> bool:
+    """Whether the store lives in this process only (``memory://``), out of reach of Ray's workers."""
+    protocol = url_to_fs(uri, storage_options)[0].protocol
+    return "memory" in ((protocol,) if isinstance(protocol, str) else protocol)
+
+
 def _parquet_dataset(listing: PairListing, storage_options: Mapping[str, Any] | None):
     import ray
 
-    files = ray.data.from_items([{"file": f} for f in listing.files], override_num_blocks=len(listing.files))
-    return files.map_batches(read_parquet_file, batch_size=1, fn_kwargs={"storage_options": storage_options})
+    files = [{"file": f} for f in listing.files]
+    if _process_local(listing.uri, storage_options):  # tests: the driver reads, workers could not
+        return ray.data.from_arrow(list(read_parquet_file({"file": [f["file"] for f in files]})))
+    files_ds = ray.data.from_items(files, override_num_blocks=len(files))
+    options = {"storage_options": storage_options}
+    return files_ds.map_batches(read_parquet_file, batch_size=1, fn_kwargs=options)
 
 
-def _folder_dataset(rows: Sequence[dict], storage_options: Mapping[str, Any] | None, batch_size: int = 32):
+def _folder_dataset(
+    uri: str, rows: Sequence[dict], storage_options: Mapping[str, Any] | None, batch_size: int = 32
+):
     import ray
 
+    if _process_local(uri, storage_options):  # tests: the driver reads, workers could not
+        return ray.data.from_arrow(read_folder_batch({k: [r[k] for r in rows] for k in rows[0]}))
     refs = ray.data.from_items(list(rows), override_num_blocks=max(1, min(len(rows) // batch_size, 1000)))
     return refs.map_batches(
         read_folder_batch, batch_size=batch_size, fn_kwargs={"storage_options": storage_options}
@@ -261,7 +276,7 @@ def read_pairs(uri: str, *, storage_options: Mapping[str, Any] | None = None):
     if listing.layout == "parquet":
         return _parquet_dataset(listing, storage_options).sort("image_id")
     rows = [{"image_id": i, "image_uri": a, "label_uri": b} for i, a, b in listing.pairs]
-    ds = _folder_dataset(rows, storage_options)
+    ds = _folder_dataset(uri, rows, storage_options)
     ds.context.execution_options.preserve_order = True  # this dataset's own context: rows stay sorted
     return ds
 
@@ -349,7 +364,7 @@ def build_train_dataset(
                 {"image_id": i, "image_uri": a, "label_uri": b, "epoch": e}
                 for i, a, b in (listing.pairs[k] for k in order)
             ]
-        ds = _folder_dataset(rows, storage_options)
+        ds = _folder_dataset(uri, rows, storage_options)
     else:
         parts = []
         for e in range(epoch, epoch + epochs):
