@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ebseg.balance import balance_class_probs, class_weights, semantic_map
 from ebseg.model import EBSeg
+from ebseg.resize import resize_image, resized_shape
 from ebseg.vocab import Vocabulary
 
 # Output rows handled at once when resizing masks to the original size: bounds memory to
@@ -45,27 +45,6 @@ class Prediction:
     scores: np.ndarray
     areas: np.ndarray
     probabilities: np.ndarray | None = None
-
-
-def resized_shape(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
-    """detectron2's ResizeShortestEdge rule: short side to ``short_side``, long side capped."""
-    scale = short_side / min(height, width)
-    new_h, new_w = height * scale, width * scale
-    if max(new_h, new_w) > max_long_side:
-        scale = max_long_side / max(new_h, new_w)
-        new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
-
-
-def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 with PIL bilinear, as the reference's ResizeShortestEdge.
-
-    Returns ``image`` itself when it already has ``shape``.
-    """
-    new_h, new_w = shape
-    if image.shape[:2] == (new_h, new_w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
 
 
 def _check_image(image: object) -> None:

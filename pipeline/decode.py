@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ebseg.predictor import resize_image, resized_shape
+from ebseg.resize import resize_image, resized_shape
 
 # 8192 x 8192: an (H, W, 3) uint8 array of 192 MiB. PIL's own guard (Image.MAX_IMAGE_PIXELS, a process
 # global that we leave alone) still refuses images over twice its value, whatever max_pixels says.

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ebseg.predictor import resize_image, resized_shape
+from ebseg.resize import resize_image, resized_shape
 from pipeline.decode import BACKGROUND, DecodeError, DecodeImages, decode_image
 
 
