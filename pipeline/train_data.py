@@ -338,15 +338,20 @@ def build_train_dataset(
     epochs: int = 1,
     storage_options: Mapping[str, Any] | None = None,
     shuffle: bool = True,
+    ordered: bool = True,
     batch_size: int = 16,
     concurrency: int | tuple[int, int] | None = None,
 ):
-    """The augmented training rows of epochs ``epoch .. epoch + epochs - 1``, one after another.
+    """The augmented training rows of epochs ``epoch .. epoch + epochs - 1``: :class:`AugmentBatch` rows
+    {image_id, epoch, image uint8 [3, S, S], label int32 [S, S]}, every pair once per epoch.
 
-    Rows are :class:`AugmentBatch`'s, with an ``epoch`` column. Each epoch is shuffled with
-    :func:`epoch_seed` (seed, epoch), so the order is reproducible: in the folder layout the driver permutes
-    the file list; for Parquet Ray's ``random_shuffle`` runs with that seed. ``concurrency``: augmentation
-    actors (Ray's autoscaling pool when None).
+    Each epoch is shuffled with :func:`epoch_seed` (seed, epoch): in the folder layout the driver permutes the
+    file list (epochs follow one another); for Parquet each epoch's rows go through Ray's ``random_shuffle``
+    with that seed and the epochs are unioned (their rows interleave). ``ordered=True`` sets the dataset's
+    ``preserve_order``, so every run yields the same rows in the same order, at some cost in throughput;
+    with False the order follows task completion. Augmentation never depends on the order (see
+    :class:`AugmentBatch`). ``concurrency``: augmentation actors, a fixed count or (min, max); None lets Ray
+    autoscale the pool.
     """
     import ray
 
@@ -354,20 +359,12 @@ def build_train_dataset(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     listing = list_pairs(uri, storage_options=storage_options)
+    epoch_range = range(epoch, epoch + epochs)
     if listing.layout == "folder":
-        rows = []
-        for e in range(epoch, epoch + epochs):
-            order = np.arange(listing.count)
-            if shuffle:
-                order = np.random.default_rng(epoch_seed(seed, e)).permutation(listing.count)
-            rows += [
-                {"image_id": i, "image_uri": a, "label_uri": b, "epoch": e}
-                for i, a, b in (listing.pairs[k] for k in order)
-            ]
-        ds = _folder_dataset(uri, rows, storage_options)
+        ds = _folder_epochs(listing, epoch_range, seed=seed, shuffle=shuffle, storage_options=storage_options)
     else:
         parts = []
-        for e in range(epoch, epoch + epochs):
+        for e in epoch_range:
             part = _parquet_dataset(listing, storage_options)
             if shuffle:
                 part = part.random_shuffle(seed=epoch_seed(seed, e))
@@ -379,12 +376,32 @@ def build_train_dataset(
         compute = ray.data.ActorPoolStrategy(size=concurrency)
     else:
         compute = ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
-    return ds.map_batches(
+    ds = ds.map_batches(
         AugmentBatch,
         fn_constructor_kwargs={"config": config, "seed": seed},
         batch_size=batch_size,
         compute=compute,
     )
+    ds.context.execution_options.preserve_order = ordered  # this dataset's own context copy
+    return ds
+
+
+def _folder_epochs(
+    listing: PairListing,
+    epochs: range,
+    *,
+    seed: int,
+    shuffle: bool,
+    storage_options: Mapping[str, Any] | None,
+):
+    rows = []
+    for e in epochs:
+        order = np.arange(listing.count)
+        if shuffle:
+            order = np.random.default_rng(epoch_seed(seed, e)).permutation(listing.count)
+        pairs = (listing.pairs[k] for k in order)
+        rows += [{"image_id": i, "image_uri": a, "label_uri": b, "epoch": e} for i, a, b in pairs]
+    return _folder_dataset(listing.uri, rows, storage_options)
 
 
 def _with_epoch(batch: pa.Table, *, epoch: int) -> pa.Table:

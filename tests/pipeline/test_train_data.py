@@ -181,12 +181,17 @@ def by_key(rows) -> dict[tuple[int, str], dict]:
 
 
 def test_train_dataset_fixed_shapes_and_deterministic(ray_local, shapes_sets):
-    folder = by_key(
-        build_train_dataset(
-            str(shapes_sets / "folder"), augment="small", seed=5, epoch=3, epochs=2
-        ).take_all()
-    )
+    def folder_rows():
+        uri = str(shapes_sets / "folder")
+        return build_train_dataset(uri, augment="small", seed=5, epoch=3, epochs=2).take_all()
+
+    rows = folder_rows()
+    folder = by_key(rows)
     assert set(folder) == {(e, f"{i:06d}") for e in (3, 4) for i in range(6)}
+    order = [(int(r["epoch"]), r["image_id"]) for r in rows]
+    assert [e for e, _ in order] == [3] * 6 + [4] * 6  # epochs follow one another
+    assert [i for e, i in order if e == 3] != [i for e, i in order if e == 4]  # each shuffled its own way
+    assert [(int(r["epoch"]), r["image_id"]) for r in folder_rows()] == order  # the same order every run
     for row in folder.values():
         assert row["image"].shape == (3, 256, 256) and row["image"].dtype == np.uint8
         assert row["label"].shape == (256, 256) and row["label"].dtype == np.int32
