@@ -1,7 +1,7 @@
 """A synthetic segmentation set: coloured shapes on textured backgrounds, every pixel labelled.
 
 Each class is one shape drawn in a characteristic colour family (hue jittered, saturation, brightness and
-shading varied), so a model has to use both colour and outline. Scenes hold 2-6 shapes of random size,
+shading varied), so a model has to use both colour and outline. Scenes hold 3-7 shapes of random size,
 position and rotation, drawn in order so later shapes occlude earlier ones; shapes may run off the border.
 The rest is class 0, "background": a low-saturation texture (smooth noise, stripes or checks). Image ``index``
 of a set with seed ``seed`` is a pure function of the pair, so any slice of a set can be regenerated alone.
@@ -49,8 +49,8 @@ _STYLES: dict[int, tuple[str, float, float, tuple[float, float], tuple[float, fl
 }
 
 DEFAULT_SIZE = 256
-MIN_SHAPES, MAX_SHAPES = 2, 6
-RADIUS_RANGE = (0.07, 0.22)  # circumradius as a fraction of the short side
+MIN_SHAPES, MAX_SHAPES = 3, 7
+RADIUS_RANGE = (0.1, 0.28)  # circumradius as a fraction of the short side
 
 
 @dataclass(frozen=True)
