@@ -128,9 +128,15 @@ def _vocabulary(value: str | Vocabulary) -> Vocabulary:
     return value if isinstance(value, Vocabulary) else Vocabulary.parse(value)
 
 
+def canonical_uri(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """``uri`` spelled one way: absolute local paths, ``s3://bucket/key`` without a trailing slash."""
+    fs, path = storage.url_to_fs(uri, storage_options)
+    return storage.full_uri(fs, path)
+
+
 def _identity(job: LabelJob, model: ModelInfo, vocabulary: Vocabulary) -> dict[str, Any]:
     return {
-        "input": job.input,
+        "input": canonical_uri(job.input, job.storage_options),
         "model_id": model.model_id,
         "vocabulary_id": vocabulary.id,
         "files_per_shard": job.files_per_shard,
@@ -145,7 +151,8 @@ def make_plan(job: LabelJob) -> LabelPlan:
     model = describe_model(job.model)
     run_id = job.run_id
     if run_id is None:
-        content = {**_identity(job, model, vocabulary), "output": job.output}
+        output = canonical_uri(job.output, job.storage_options)
+        content = {**_identity(job, model, vocabulary), "output": output}
         run_id = "run-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     device = job.device or ("cuda" if job.gpus_per_actor > 0 else "cpu")
     return LabelPlan(vocabulary=vocabulary, model=model, run_id=run_id, device=device)
@@ -156,7 +163,7 @@ def job_record(job: LabelJob, plan: LabelPlan) -> dict[str, Any]:
     return {
         "kind": "label",
         **_identity(job, plan.model, plan.vocabulary),
-        "output": job.output,
+        "output": canonical_uri(job.output, job.storage_options),
         "model": job.model,
         "vocabulary": plan.vocabulary.name or ",".join(plan.vocabulary.names[:20]),
         "num_classes": len(plan.vocabulary),

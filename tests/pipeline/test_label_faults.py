@@ -197,6 +197,9 @@ def test_a_rerun_with_another_vocabulary_or_model_is_refused(ray_local, tiny_ckp
     with pytest.raises(OutputMismatchError, match="run_id"):
         run(LabelJob(input=job.input, output=out, model=tiny_ckpt, vocabulary=VOCAB, run_id="mine"))
     assert (tmp_path / "out" / "job.json").read_text() == before
+    # Another spelling of the same input and output resumes (here: nothing left to do).
+    same = LabelJob(input=job.input + "/", output=f"file://{out}/", model=tiny_ckpt, vocabulary=VOCAB)
+    assert run(same)["shards_skipped"] == 1
 
 
 DRIVER = """
