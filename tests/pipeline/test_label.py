@@ -88,10 +88,10 @@ def check_output(uri: str, expected_sources: dict[str, tuple[int, int]], *, stat
 
 def check_manifests(uri: str, table: pa.Table) -> list[dict]:
     fs, path = output_fs(uri)
-    shards = sorted(set(table.column("shard_id").to_pylist()))
-    assert committed_shards(fs, path) == set(shards)
+    committed = committed_shards(fs, path)
+    assert set(table.column("shard_id").to_pylist()) <= committed  # (+ shards that held no image)
     manifests = []
-    for shard in shards:
+    for shard in sorted(committed):
         manifest = storage.read_json(fs, storage.join(path, "_manifest", f"{shard}.json"))
         data = fs.cat_file(storage.join(path, manifest["file"]))
         assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["bytes"] == len(data)
@@ -298,13 +298,17 @@ def test_tar_shards_to_s3_output(ray_local, s3_server, tiny_ckpt, photos):
             members[f"{t}{i:04d}.json"] = b'{"caption": "ignored"}'
             expected[(f"s3://{bucket}/in/shard-{t}.tar", f"{t}{i:04d}.jpg")] = image.shape[:2]
         fs.pipe_file(f"{bucket}/in/shard-{t}.tar", tar_bytes(members))
+    fs.pipe_file(f"{bucket}/in/shard-9.tar", tar_bytes({"9.json": b"{}"}))  # no image: committed empty
     out = f"s3://{bucket}/labels"
     summary = run(
         LabelJob(input=f"s3://{bucket}/in", output=out, model=tiny_ckpt, vocabulary=VOCAB, actors=(1, 2))
     )
-    assert (summary["shards_written"], summary["images"], summary["ok"]) == (2, 5, 5)
+    assert (summary["shards_written"], summary["images"], summary["ok"]) == (3, 5, 5)
     table = check_output(out, expected)
     check_manifests(out, table)
+    fs = s3_server.filesystem()
+    [empty] = [p for p in fs.ls(f"{bucket}/labels/_manifest", detail=False) if "shard-9" in p]
+    assert storage.read_json(fs, empty)["rows"] == 0
 
     con = duckdb.connect()
     con.register_filesystem(s3_server.filesystem())
