@@ -223,6 +223,7 @@ def pipeline_run(args, *, spec: str, actors: int, root: Path, stats: Path) -> di
         "run_images_per_s": args.images / wall,
         "steady_images_per_s": steady_rate(records),
         "model_batches": len(records),
+        "actors_used": len({r["actor"] for r in records}),
         "stage_busy_s": summary["stage_busy_s"],
         "driver_peak_rss_bytes": sampler.peak,
         "actor_peak_rss_bytes": max(r["peak_rss"] for r in records),

@@ -43,7 +43,6 @@ from pipeline.records import SCHEMA_VERSION, Provenance, encode_batch
 from pipeline.sink import ShardSink, SinkReport, committed_shards
 from pipeline.sources import ReadShard, Shard, list_shards
 
-DECODE_BATCH_SIZE = 8  # decoded images held per decode task output: bounded memory on large photos
 # Job fields that decide which shards exist and what a record holds: a rerun must agree on all of them.
 IDENTITY_FIELDS = ("input", "model_id", "vocabulary_id", "files_per_shard", "image_column", "max_pixels")
 
@@ -222,7 +221,10 @@ def build_label_dataset(
     ds = ray.data.from_items([s.to_row() for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.flat_map(ReadShard(storage_options=job.storage_options, image_column=job.image_column))
     decode = DecodeImages(plan.model.short_side, plan.model.max_long_side, job.max_pixels)
-    ds = ds.map_batches(decode, batch_size=DECODE_BATCH_SIZE, batch_format="numpy")
+    ds = ds.map_batches(decode, batch_size=job.batch_size, batch_format="numpy")
+    # One model batch per block: the actor pool hands out whole blocks, and a block of many images (a
+    # task's outputs are merged up to 128 MiB) would keep every actor but one idle. Fused with decode.
+    ds = ds.repartition(target_num_rows_per_block=job.batch_size)
     lo, hi = (job.actors, job.actors) if isinstance(job.actors, int) else job.actors
     pool = ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
     with warnings.catch_warnings():
