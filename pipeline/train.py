@@ -39,10 +39,11 @@ from pipeline.train_state import read_metrics
 __all__ = ["FailureInjection", "TrainJob", "TrainResult", "read_metrics", "run"]
 
 AMP_DTYPES = ("bf16", "fp16")
-# Fields that may differ when a run is resumed: they change how it is run and watched, not what it learns.
+# Fields that may differ when a run is resumed: they change how it is run and watched, not what it learns
+# (the worker count is not one of them: the data position counts batches per worker).
 RESUMABLE_CHANGES = frozenset(
-    {"workers", "use_gpu", "checkpoint_every", "keep_checkpoints", "val_every", "val_images", "log_every",
-     "max_failures", "storage_options", "inject_failure"}
+    {"use_gpu", "cpus_per_worker", "checkpoint_every", "keep_checkpoints", "val_every", "val_images",
+     "log_every", "max_failures", "storage_options", "inject_failure"}
 )  # fmt: skip
 
 
@@ -80,6 +81,9 @@ class TrainJob:
     batch_size: int = 4  # images per worker per micro-batch
     workers: int = 4
     use_gpu: bool = False
+    # CPUs Ray reserves per worker; the Ray Data reading and augmentation tasks need CPUs left over (on a
+    # small machine give workers a fraction, e.g. 0.5 each for 2 workers on 2 cores).
+    cpus_per_worker: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.05
     poly_power: float = 0.9
@@ -119,8 +123,10 @@ class TrainJob:
             raise ValueError(
                 f"TrainJob.augment must be one of {sorted(AUGMENT_PRESETS)}, got {self.augment!r}"
             )
-        if self.lr <= 0 or self.weight_decay < 0 or self.poly_power < 0 or self.max_failures < 0:
-            raise ValueError("TrainJob: lr must be > 0; weight_decay, poly_power, max_failures >= 0")
+        if self.lr <= 0 or self.cpus_per_worker <= 0:
+            raise ValueError(f"TrainJob: lr, cpus_per_worker must be > 0 ({self.lr}, {self.cpus_per_worker})")
+        if self.weight_decay < 0 or self.poly_power < 0 or self.max_failures < 0:
+            raise ValueError("TrainJob: weight_decay, poly_power and max_failures must be >= 0")
 
     @property
     def run_uri(self) -> str:
@@ -209,7 +215,9 @@ def run(job: TrainJob) -> TrainResult:
         train_loop_per_worker,
         train_loop_config={"job": job, "vocabulary": vocabulary.to_dict()},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(
             name=job.name,
             storage_path=storage_path,
@@ -258,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("steps", "batch_size", "workers", "grad_accumulation", "checkpoint_every", "val_every",
                  "log_every", "seed", "max_failures"):  # fmt: skip
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "poly_power"):
+    for name in ("lr", "weight_decay", "poly_power", "cpus_per_worker"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="0 keeps all")
     p.add_argument("--val-images", type=int)
@@ -293,7 +301,8 @@ def job_from_args(argv: Sequence[str] | None = None) -> tuple[TrainJob, str | No
         name=args.name, storage=args.storage, data=args.data, val_data=args.val_data,
         vocabulary=args.vocabulary, model=args.model, clip_pretrained=args.clip_pretrained,
         sam_checkpoint=args.sam_checkpoint, trainable=args.trainable, steps=args.steps,
-        batch_size=args.batch_size, workers=args.workers, use_gpu=args.gpu, lr=args.lr,
+        batch_size=args.batch_size, workers=args.workers, use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker, lr=args.lr,
         weight_decay=args.weight_decay, poly_power=args.poly_power,
         clip_grad_norm=args.clip_grad_norm if args.clip_grad_norm > 0 else None,
         grad_accumulation=args.grad_accumulation, amp=None if args.amp == "none" else args.amp,

@@ -56,9 +56,11 @@ def worker_pairs(listing: PairListing, *, seed: int, epoch: int, rank: int, worl
 
 def _augment(ds, job, epoch: int):
     # An instance, not the class: Ray Data runs a callable object as tasks.
-    return ds.map_batches(
-        AugmentBatch(job.augment_config(), job.seed, epoch=epoch), batch_size=job.batch_size
-    )
+    augment = AugmentBatch(job.augment_config(), job.seed, epoch=epoch)
+    ds = ds.map_batches(augment, batch_size=job.batch_size)
+    ds.context.execution_options.preserve_order = True  # a deterministic order (and split)
+    ds.context.enable_progress_bars = False  # one bar per worker and epoch would flood the job's log
+    return ds
 
 
 def _batches_of(data, batch_size: int) -> Iterator[dict]:
@@ -82,7 +84,6 @@ def _folder_batches(job, listing: PairListing, epoch: int, skip: int) -> Iterato
     options = {"storage_options": dict(job.storage_options)}
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // READ_BATCH, 1000)))
     ds = _augment(ds.map_batches(read_folder_batch, batch_size=READ_BATCH, fn_kwargs=options), job, epoch)
-    ds.context.execution_options.preserve_order = True
     yield from ds.iter_batches(
         batch_size=job.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2
     )
@@ -99,7 +100,6 @@ def _parquet_batches(job, listing: PairListing, epoch: int, skip: int) -> Iterat
             read_parquet_file, batch_size=1, fn_kwargs={"storage_options": dict(job.storage_options)}
         )
         ds = _augment(ds.random_shuffle(seed=epoch_seed(job.seed, epoch)), job, epoch)
-        ds.context.execution_options.preserve_order = True  # a deterministic order and split
         ref = ray.put(ds.streaming_split(world, equal=True) if world > 1 else [ds.iterator()])
     if world > 1:
         ref = ray.train.collective.broadcast_from_rank_zero([ref])[0]

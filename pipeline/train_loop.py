@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -75,8 +76,6 @@ def maybe_fail(job: TrainJob, step: int, rank: int, image_ids: list[str]) -> Non
     fault = job.inject_failure
     if fault is None or fault.step != step or fault.rank != rank or os.path.exists(fault.marker):
         return
-    import json
-
     with open(fault.marker, "w") as f:
         json.dump({"step": step, "image_ids": image_ids}, f)
     if fault.mode == "exit":
@@ -97,8 +96,6 @@ class Trainer:
         self.model = build_model(job)
         set_trainable(self.model, job.trainable)
         self.model.to(self.device)
-        self.class_embeddings = self.model.text.encode_names(vocabulary.names).detach()  # [K, D], once
-        self.affinity = text_affinity(self.class_embeddings)  # [K, K] SSC target
         self.optimizer = build_optimizer(self.model, lr=job.lr, weight_decay=job.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, max_steps=job.steps, power=job.poly_power)
         on_gpu = self.device.type == "cuda"
@@ -111,6 +108,10 @@ class Trainer:
             self.position = load_train_checkpoint(
                 restored, self.model, self.optimizer, self.scheduler, self.scaler
             )
+        # After restoring: the embeddings come from the weights the run continues with. The text encoder
+        # never trains, so encoding the vocabulary once is exact.
+        self.class_embeddings = self.model.text.encode_names(vocabulary.names)  # [K, D]
+        self.affinity = text_affinity(self.class_embeddings)  # [K, K] SSC target
         self.ddp = ray.train.torch.prepare_model(
             self.model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False}
         )

@@ -78,9 +78,11 @@ def test_job_is_validated_and_a_changed_rerun_is_refused(tmp_path):
         small_job(name="a", storage=str(tmp_path), data="x", trainable="encoders")
     job = small_job(name="run", storage=str(tmp_path), data="x", steps=10)
     check_job_file(job)
-    check_job_file(dataclasses.replace(job, workers=4, max_failures=2))  # how it runs may change
+    check_job_file(dataclasses.replace(job, max_failures=2, checkpoint_every=5))  # how it runs may change
     with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.002"):
         check_job_file(dataclasses.replace(job, lr=2e-3))
+    with pytest.raises(ValueError, match="workers: 2 -> 4"):  # the data position counts batches per worker
+        check_job_file(dataclasses.replace(job, workers=4))
 
     parsed, address = job_from_args(
         ["--data", "d", "--storage", "s", "--name", "n", "--model", "tiny", "--steps", "7",
