@@ -197,7 +197,14 @@ def tiny() -> EBSegConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "base": base, "large": large}
+def demo() -> EBSegConfig:
+    """The architecture of the demo model shipped as ``ebseg/weights/demo.pt``: ``tiny`` trained from random
+    weights on the synthetic shapes set at 128 px (every part but the text encoder trained, which the paper
+    never does), so it runs at that scale."""
+    return dataclasses.replace(tiny(), name="demo", short_side=128)
+
+
+PRESETS = {"tiny": tiny, "demo": demo, "base": base, "large": large}
 
 
 def get_config(name_or_config: str | EBSegConfig) -> EBSegConfig:
