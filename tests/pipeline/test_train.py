@@ -151,17 +151,19 @@ def test_killed_worker_restarts_from_checkpoint_on_s3_with_parquet(ray_local, s3
         name="kill",
         storage=f"s3://{bucket}/runs",
         data=data,
-        steps=8,
-        checkpoint_every=3,
+        steps=6,
+        grad_accumulation=2,  # two micro-batches a step: 3 steps an epoch
+        checkpoint_every=2,
         max_failures=1,
-        inject_failure=FailureInjection(step=5, marker=str(marker), rank=1, mode="exit"),
+        inject_failure=FailureInjection(step=4, marker=str(marker), rank=1, mode="exit"),
     )
-    result = run(job)  # rank 1 exits at step 5; Ray Train restarts the group from the step-3 checkpoint
-    assert marker.exists() and json.loads(marker.read_text())["step"] == 5
-    assert result.step == 8 and result.checkpoint_uri == f"s3://{bucket}/runs/kill/checkpoint_00000008"
-    assert checkpoint_names(job.run_uri) == ["checkpoint_00000006", "checkpoint_00000008"]
+    result = run(job)  # rank 1 exits at step 4; Ray Train restarts the group from the step-2 checkpoint
+    assert marker.exists() and json.loads(marker.read_text())["step"] == 4
+    assert result.step == 6 and result.checkpoint_uri == f"s3://{bucket}/runs/kill/checkpoint_00000006"
+    assert checkpoint_names(job.run_uri) == ["checkpoint_00000004", "checkpoint_00000006"]
     records = read_metrics(job.run_uri)
-    assert [r["step"] for r in records] == list(range(1, 9))
-    assert [(r["epoch"], r["batch"]) for r in records] == [(0, b) for b in range(1, 7)] + [(1, 1), (1, 2)]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [(r["epoch"], r["batch"]) for r in records] == [(0, 2), (0, 4), (0, 6), (1, 2), (1, 4), (1, 6)]
+    assert records[-1]["lr"] == pytest.approx(poly_lr(1e-3, 5, max_steps=6))
     model = checkpoint.load(result.final_model_uri)
     assert model.config.name == "tiny"
