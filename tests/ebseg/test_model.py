@@ -163,7 +163,7 @@ def test_training_backward_reaches_only_trainable_parameters():
 
 
 def test_presets_and_config_round_trip():
-    assert set(PRESETS) == {"tiny", "base", "large"}
+    assert set(PRESETS) == {"tiny", "demo", "base", "large"}
     for name in PRESETS:
         cfg = get_config(name)
         assert EBSegConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
