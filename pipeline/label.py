@@ -23,7 +23,7 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -43,6 +43,7 @@ from pipeline.records import SCHEMA_VERSION, Provenance, encode_batch
 from pipeline.sink import ShardSink, SinkReport, committed_shards
 from pipeline.sources import ReadShard, Shard, list_shards
 
+WAVE_SHARDS = 1024  # shards listed, then labelled, per streaming execution (see run)
 # Job fields that decide which shards exist and what a record holds: a rerun must agree on all of them.
 IDENTITY_FIELDS = ("input", "model_id", "vocabulary_id", "files_per_shard", "image_column", "max_pixels")
 
@@ -304,6 +305,17 @@ def _summarize(
     }
 
 
+def _waves(shards: Iterable[Shard], size: int) -> Iterator[list[Shard]]:
+    wave: list[Shard] = []
+    for shard in shards:
+        wave.append(shard)
+        if len(wave) == size:
+            yield wave
+            wave = []
+    if wave:
+        yield wave
+
+
 def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) -> dict[str, Any]:
     """Label every image of ``job.input`` not yet committed under ``job.output``; return the summary.
 
@@ -316,43 +328,47 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
     record = job_record(job, plan)
     claim_output(fs, root, record, plan, explicit_run_id=job.run_id is not None)
     done = committed_shards(fs, root)
-    shards = list(
-        list_shards(
-            job.input,
-            storage_options=job.storage_options,
-            files_per_shard=job.files_per_shard,
-            image_column=job.image_column,
-        )
+    ready = time.monotonic()
+    listing = list_shards(
+        job.input,
+        storage_options=job.storage_options,
+        files_per_shard=job.files_per_shard,
+        image_column=job.image_column,
     )
-    todo = [s for s in shards if s.shard_id not in done]
-    listed = time.monotonic()
-    progress = Progress(
-        total_shards=len(shards), skipped_shards=len(shards) - len(todo), enabled=job.progress
-    )
-    report = SinkReport()
-    if todo:
-        if not ray.is_initialized():
-            ray.init()
-        fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
-        with _quiet_ray_data(job.progress), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)  # make_plan warned once already
-            ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=model_stage_cls)
-            with ShardSink(
-                root,
-                fs=fs,
-                expected_shards=[s.shard_id for s in todo],
-                manifest_fields=fields,
-                on_commit=lambda manifest: progress.update(shards=1),
-            ) as sink:
+    progress = Progress(total_shards=0, enabled=job.progress)
+    fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
+    shards = skipped = 0
+    with _quiet_ray_data(job.progress), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # make_plan warned once already
+        with ShardSink(
+            root,
+            fs=fs,
+            expected_shards=(),
+            manifest_fields=fields,
+            on_commit=lambda manifest: progress.update(shards=1),
+        ) as sink:
+            # Shards are scheduled in waves as the listing streams, so the driver holds at most one wave's
+            # member URIs, never a whole bucket's listing; a wave is one streaming Ray Data execution.
+            for wave in _waves(listing, WAVE_SHARDS):
+                todo = [s for s in wave if s.shard_id not in done]
+                shards += len(wave)
+                skipped += len(wave) - len(todo)
+                progress.total_shards, progress.skipped_shards = shards, skipped
+                if not todo:
+                    continue
+                if not ray.is_initialized():
+                    ray.init()
+                sink.expect(s.shard_id for s in todo)
+                ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=model_stage_cls)
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     progress.update(images=sink.add(batch))
-                report = sink.close()
+            report = sink.close()
     progress.close()
     end = time.monotonic()
-    seconds = {"total": end - start, "list": listed - start, "label": end - listed}
-    summary = _summarize(
-        record=record, shards=len(shards), skipped=len(shards) - len(todo), report=report, seconds=seconds
-    )
+    # The listing streams alongside the labelling, so "label" covers both; "setup" is model description,
+    # output checks and the manifest listing.
+    seconds = {"total": end - start, "setup": ready - start, "label": end - ready}
+    summary = _summarize(record=record, shards=shards, skipped=skipped, report=report, seconds=seconds)
     storage.write_json_atomic(fs, storage.join(root, "summary.json"), summary)
     if report.incomplete:
         raise IncompleteRunError(
@@ -360,6 +376,32 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
             f"(received, expected): {summary['shards_incomplete']}; rerun the job to label them"
         )
     return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.label INPUT OUTPUT --vocabulary V``: the library entry without the CLI."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.label", description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="images, .tar shards or Parquet files: a path, prefix, glob or URI")
+    parser.add_argument("output", help="output directory or URI")
+    parser.add_argument("--vocabulary", required=True, help="benchmark name, vocabulary file, or 'cat,dog,'")
+    parser.add_argument("--model", default="demo", help="demo | tiny | base | large | checkpoint path/URI")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    job = LabelJob(
+        input=args.input,
+        output=args.output,
+        vocabulary=args.vocabulary,
+        model=args.model,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+    )
+    print(json.dumps(run(job), indent=2))
+    return 0
 
 
 __all__ = [
@@ -373,3 +415,6 @@ __all__ = [
     "make_plan",
     "run",
 ]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

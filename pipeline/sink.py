@@ -112,6 +112,10 @@ class ShardSink:
         self._inflight: set[Future] = set()
         self._lock = threading.Lock()
 
+    def expect(self, shard_ids: Iterable[str]) -> None:
+        """Add shards to this run (a run schedules its shards in waves as the listing streams)."""
+        self.expected.update(check_shard_id(s) for s in shard_ids)
+
     def __enter__(self) -> ShardSink:
         return self
 

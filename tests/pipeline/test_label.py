@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import records, storage
+from pipeline import label, records, storage
 from pipeline.label import LabelJob, run
 from pipeline.progress import Progress
 from pipeline.records import IMAGES_SCHEMA, SCHEMA_VERSION, Provenance
@@ -227,7 +227,9 @@ def test_job_validation_names_the_field():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_files_to_local_output_then_rerun_skips(ray_local, tiny_ckpt, photos, tmp_path):
+def test_files_to_local_output_then_rerun_skips(ray_local, tiny_ckpt, photos, tmp_path, monkeypatch):
+    # Shards are scheduled in waves as the listing streams: 3 shards in waves of 2 and 1.
+    monkeypatch.setattr(label, "WAVE_SHARDS", 2)
     images = small_photos(photos, 5)
     expected = {}
     (tmp_path / "in" / "sub").mkdir(parents=True)
@@ -371,3 +373,25 @@ def test_must_show_real_photos_from_s3_to_s3_parquet(ray_local, s3_server, tiny_
     table = check_output(out, expected)  # exactly once, label maps at each size, RLE areas
     assert sorted(table.column("width").to_pylist()) == sorted(w for _, w in expected.values())
     check_manifests(out, table)
+
+
+def test_module_entry_labels_shapes_with_the_demo_model(ray_local, tmp_path, capsys):
+    """The README's main job: shapes images labelled by the shipped demo model through the library entry."""
+    from ebseg.data.labels import decode_label
+    from ebseg.data.shapes import write_shapes
+
+    data = tmp_path / "examples"
+    write_shapes(str(data), count=3, seed=42, size=128)
+    out = tmp_path / "out"
+    assert label.main([str(data / "images"), str(out), "--vocabulary", str(data / "vocabulary.json")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["images"], summary["ok"]) == (3, 3) and summary["model_id"].startswith("demo:sha256-")
+    table = read_images(str(out))
+    agree = []
+    for row in table.to_pylist():
+        predicted = records.decode_label_map(row["label_map"])
+        stem = row["source_uri"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        truth = decode_label((data / "annotations" / f"{stem}.png").read_bytes(), name=stem)
+        assert predicted.shape == truth.shape == (row["height"], row["width"])
+        agree.append((predicted == truth).mean())
+    assert min(agree) > 0.8, agree  # the demo model labels held-out shapes images (pixel accuracy ~0.96)
