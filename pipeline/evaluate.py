@@ -22,17 +22,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.data import ActorPoolStrategy
 
 import ebseg
-from ebseg.checkpoint import RandomWeightsWarning, load_model
+from ebseg.checkpoint import RandomWeightsWarning
 from ebseg.data import IGNORE_INDEX
 from ebseg.evaluation import SegmentationMetric, confusion_matrix
-from ebseg.predictor import Segmenter
 from ebseg.vocab import Vocabulary
 from pipeline import storage
-from pipeline.model_stage import AMP_DTYPES, RANDOM_SEED, describe_model
+from pipeline.model_stage import AMP_DTYPES, describe_model, load_segmenter
 from pipeline.train_data import decode_pair, read_pairs
 
 DECODE_BATCH_SIZE = 8
@@ -139,14 +137,14 @@ class ScoreBatch:
         amp_dtype: str | None = None,
         num_threads: int | None = None,
     ):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        torch.manual_seed(RANDOM_SEED)  # only random-weight presets depend on it
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver warned once already
-            network = load_model(model, map_location=device)
-        amp = AMP_DTYPES[amp_dtype] if torch.device(device).type == "cuda" else None
-        self.segmenter = Segmenter(network, vocabulary, batch_size=batch_size, device=device, amp_dtype=amp)
+        self.segmenter = load_segmenter(
+            model,
+            vocabulary,
+            batch_size=batch_size,
+            device=device,
+            amp_dtype=amp_dtype,
+            num_threads=num_threads,
+        )
         self.num_classes = len(vocabulary)
         self.segmenter.class_embeddings()  # encode the vocabulary once, before the first batch
 

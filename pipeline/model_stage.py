@@ -111,6 +111,29 @@ def _image_problem(image: Any) -> str | None:
     return None
 
 
+def load_segmenter(
+    model: str,
+    vocabulary: Vocabulary,
+    *,
+    batch_size: int = 4,
+    device: str = "cpu",
+    amp_dtype: str | None = None,
+    num_threads: int | None = None,
+) -> Segmenter:
+    """A Segmenter for an actor: the model from a ``load_model`` spec, autocast only on CUDA.
+
+    Random-weight presets are built under a fixed seed: every actor (and every resume) has the same weights.
+    """
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(RANDOM_SEED)  # only random-weight presets depend on it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver warned once already
+        network = load_model(model, map_location=device)
+    amp = AMP_DTYPES[amp_dtype] if torch.device(device).type == "cuda" else None
+    return Segmenter(network, vocabulary, batch_size=batch_size, device=device, amp_dtype=amp)
+
+
 class SegmentImages:
     """``map_batches`` callable: decoded rows -> prediction rows.
 
@@ -137,14 +160,14 @@ class SegmentImages:
         num_threads: int | None = None,
         encode_with: Provenance | None = None,
     ):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        torch.manual_seed(RANDOM_SEED)  # only random-weight presets depend on it
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)  # the driver warned once already
-            network = load_model(model, map_location=device)
-        amp = AMP_DTYPES[amp_dtype] if torch.device(device).type == "cuda" else None
-        self.segmenter = Segmenter(network, vocabulary, batch_size=batch_size, device=device, amp_dtype=amp)
+        self.segmenter = load_segmenter(
+            model,
+            vocabulary,
+            batch_size=batch_size,
+            device=device,
+            amp_dtype=amp_dtype,
+            num_threads=num_threads,
+        )
         self.vocabulary = vocabulary
         self.dtype = label_dtype(len(vocabulary))
         self.encode_with = encode_with
