@@ -365,8 +365,23 @@ def spec_from_flags(kind: str, **flags: Any) -> LabelSpec | TrainSpec | EvalSpec
     return parse_spec({"kind": kind, **{k: v for k, v in flags.items() if v is not None}}, source="flags")
 
 
+def storage_options_from_flags(items: Sequence[str]) -> dict[str, Any]:
+    """Repeated ``--storage-option KEY=VALUE`` flags -> a mapping, with the spec's rules (no credentials)."""
+    try:
+        return TypeAdapter(StorageOptions).validate_python(list(items)) or {}
+    except ValidationError as e:
+        problems = [f"--storage-option: {err['msg']}" for err in e.errors(include_url=False)]
+        raise SpecError(problems, source="flags") from None
+
+
 def load_spec(path_or_text: str | os.PathLike[str]) -> LabelSpec | TrainSpec | EvalSpec:
     """A spec from a YAML or JSON file, or from the YAML / JSON text itself."""
+    data, source = read_spec_data(path_or_text)
+    return parse_spec(data, source=source)
+
+
+def read_spec_data(path_or_text: str | os.PathLike[str]) -> tuple[Any, str | None]:
+    """The raw mapping of a YAML / JSON spec file or text, unvalidated, and the file name (None for text)."""
     text, source = str(path_or_text), None
     if isinstance(path_or_text, os.PathLike) or ("\n" not in text and not text.lstrip().startswith("{")):
         path = Path(path_or_text)
@@ -378,7 +393,7 @@ def load_spec(path_or_text: str | os.PathLike[str]) -> LabelSpec | TrainSpec | E
         data = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SpecError([f"not valid YAML or JSON: {e}"], source=source) from None
-    return parse_spec(data, source=source)
+    return data, source
 
 
 def dump_spec(spec: LabelSpec | TrainSpec | EvalSpec) -> str:

@@ -30,6 +30,7 @@ from ebseg.data import IGNORE_INDEX
 from ebseg.evaluation import SegmentationMetric, confusion_matrix
 from ebseg.vocab import Vocabulary
 from pipeline import storage
+from pipeline.cluster import ensure_ray
 from pipeline.model_stage import AMP_DTYPES, describe_model, load_segmenter
 from pipeline.train_data import decode_pair, read_pairs
 
@@ -225,15 +226,14 @@ def metrics_record(metric: SegmentationMetric, vocabulary: Vocabulary) -> dict[s
 def run(job: EvalJob) -> dict[str, Any]:
     """Evaluate ``job.model`` on ``job.data``; writes and returns the ``metrics.json`` content.
 
-    Starts a local Ray when none is connected (``ray.init()`` beforehand to use a cluster).
+    Uses the connected Ray, else ``$RAY_ADDRESS``, else a new local Ray (``pipeline.cluster``).
     """
     start = time.monotonic()
     vocabulary = resolve_vocabulary(job)
     model = describe_model(job.model)
     device = job.device or ("cuda" if job.gpus_per_actor > 0 else "cpu")
     fs, root = storage.url_to_fs(job.output, job.storage_options)  # fail on a bad output before the work
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     metric = SegmentationMetric(len(vocabulary), ignore_index=IGNORE_INDEX)
     flat = metric.confusion.reshape(-1)  # a view: adding into it fills the matrix
     seen_ids: set[str] = set()

@@ -36,6 +36,7 @@ import ebseg
 from ebseg.checkpoint import RandomWeightsWarning
 from ebseg.vocab import Vocabulary
 from pipeline import storage
+from pipeline.cluster import ensure_ray
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeImages
 from pipeline.model_stage import AMP_DTYPES, ModelInfo, SegmentImages, describe_model
 from pipeline.progress import Progress
@@ -319,7 +320,7 @@ def _waves(shards: Iterable[Shard], size: int) -> Iterator[list[Shard]]:
 def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) -> dict[str, Any]:
     """Label every image of ``job.input`` not yet committed under ``job.output``; return the summary.
 
-    Starts a local Ray when none is connected (``ray.init()`` beforehand to use a cluster).
+    Uses the connected Ray, else ``$RAY_ADDRESS``, else a new local Ray (``pipeline.cluster``).
     model_stage_cls: the model stage's class (tests pass subclasses that fail on purpose).
     """
     start = time.monotonic()
@@ -356,8 +357,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
                 progress.total_shards, progress.skipped_shards = shards, skipped
                 if not todo:
                     continue
-                if not ray.is_initialized():
-                    ray.init()
+                ensure_ray()
                 sink.expect(s.shard_id for s in todo)
                 ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=model_stage_cls)
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

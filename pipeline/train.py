@@ -33,6 +33,7 @@ from ebseg.data.transforms import AUGMENT_PRESETS, AugmentConfig, augment_config
 from ebseg.losses.config import PRESETS as LOSS_PRESETS
 from ebseg.vocab import Vocabulary
 from pipeline import storage
+from pipeline.cluster import ensure_ray
 from pipeline.optim import TRAINABLE_POLICIES
 from pipeline.train_state import read_metrics
 
@@ -208,8 +209,7 @@ def run(job: TrainJob) -> TrainResult:
 
     vocabulary = resolve_vocabulary(job)
     check_job_file(job)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     storage_path, storage_fs = ray_storage(job.storage, job.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -315,10 +315,7 @@ def job_from_args(argv: Sequence[str] | None = None) -> tuple[TrainJob, str | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     job, address = job_from_args(argv)
-    if address:
-        import ray
-
-        ray.init(address=address)
+    ensure_ray(address)
     result = run(job)
     print(json.dumps(dataclasses.asdict(result), default=str))
     return 0

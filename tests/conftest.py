@@ -99,6 +99,7 @@ def ray_local(s3_server):
     import ray
 
     ray.init(
+        address="local",  # never attach to a head another test (or `ray start`) left behind
         num_cpus=8,  # logical slots: decode tasks, actors and train workers share the 2 real cores
         include_dashboard=False,
         object_store_memory=1 << 30,

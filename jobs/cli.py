@@ -1,0 +1,402 @@
+"""``ebseg``: label, train and evaluate on Ray; submit to a cluster; query, draw and export the results.
+
+    ebseg label INPUT OUTPUT --vocabulary V [--model demo] [--spec label.yaml] [--address ADDR]
+    ebseg train SPEC.yaml        ebseg eval SPEC.yaml
+    ebseg submit SPEC.yaml --address http://HOST:8265 [--wait]    ebseg status JOB_ID    ebseg logs JOB_ID
+    ebseg query OUTPUT "SQL" [--format table|csv|json]
+    ebseg show OUTPUT IMAGE_ID --out overlay.png
+    ebseg export OUTPUT DEST --format coco|png
+
+label / train / eval run on the Ray that ``--address`` or ``$RAY_ADDRESS`` names, else on an embedded local
+Ray. Their flags are the spec's fields (``ebseg label --help``); a spec file and flags combine, flags winning.
+Exit status: 0 done, 1 the job failed, 2 the command or spec is invalid (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from jobs.flags import add_spec_flags, spec_from_args
+from jobs.specs import SpecError, dump_spec, storage_options_from_flags
+from jobs.submit import SubmitError
+from jobs.tables import FORMATS, write_result
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+# Errors a user can act on: printed as one line, no traceback.
+_JOB_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, ValueError, KeyError)
+
+
+class CommandError(RuntimeError):
+    """A command that failed for a reason the message explains (exit status 1)."""
+
+
+def say(message: str) -> None:
+    print(f"ebseg: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; ``build_parser().parse_args(argv)`` checks one without running anything."""
+    parser = argparse.ArgumentParser(
+        prog="ebseg",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    parser.add_argument("--version", action="version", version=f"ebseg {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    label = sub.add_parser("label", help="label images into Parquet records (masks, classes, areas)")
+    label.add_argument("input", nargs="?", help="images, .tar shards or Parquet files: path, glob or URI")
+    label.add_argument("output", nargs="?", help="output directory or URI")
+    _run_options(label, "label")
+    for kind, text in (
+        ("train", "train or resume a model on Ray Train"),
+        ("eval", "mIoU of a model on a dataset"),
+    ):
+        p = sub.add_parser(kind, help=text)
+        p.add_argument("spec_file", nargs="?", metavar="SPEC", help="YAML or JSON spec (same as --spec)")
+        _run_options(p, kind)
+
+    submit = sub.add_parser("submit", help="run a spec on a Ray cluster through the Ray Jobs API")
+    submit.add_argument("spec", metavar="SPEC", help="YAML or JSON spec with kind: label | train | eval")
+    _address(submit, "the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
+    submit.add_argument("--wait", action="store_true", help="stream the job's log; exit non-zero if it fails")
+    submit.add_argument(
+        "--no-package", dest="carry_package", action="store_false",
+        help="use the ebseg installed on the cluster instead of sending this one",
+    )  # fmt: skip
+    submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's log")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id", metavar="JOB_ID")
+        _address(p, "the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+
+    query = sub.add_parser("query", help="SQL over a labelling output's `images` and `segments` views")
+    query.add_argument("output", metavar="OUTPUT")
+    query.add_argument(
+        "sql", metavar="SQL", help='e.g. "SELECT label, count(*) FROM segments GROUP BY label"'
+    )
+    query.add_argument("--format", choices=FORMATS, default="table")
+    query.add_argument("--max-rows", type=int, default=100, help="table rows shown (csv and json print all)")
+    _storage_flag(query)
+
+    show = sub.add_parser("show", help="draw one labelled image with its masks, outlines and legend")
+    show.add_argument("output", metavar="OUTPUT")
+    show.add_argument("image_id", metavar="IMAGE_ID", help="an image_id, or a unique prefix of one")
+    show.add_argument("--out", required=True, help="PNG to write (path or URI)")
+    show.add_argument("--alpha", type=float, default=0.5, help="mask opacity, 0..1")
+    _storage_flag(show)
+
+    export = sub.add_parser("export", help="COCO JSON, or PNG label maps with id2label.json")
+    export.add_argument("output", metavar="OUTPUT")
+    export.add_argument("dest", metavar="DEST", help="a directory or URI (coco: also a .json file)")
+    export.add_argument("--format", choices=("coco", "png"), required=True)
+    _storage_flag(export)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ebseg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _address(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--address", help=text)
+
+
+def _storage_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
+        help="fsspec option for the output (repeatable); credentials come from AWS_* variables",
+    )  # fmt: skip
+
+
+def _run_options(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--spec", help="YAML or JSON spec file; flags override its fields")
+    _address(parser, "Ray to run on (ray://HOST:10001, HOST:6379, auto); default $RAY_ADDRESS, else local")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the spec; run nothing")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_spec_flags(parser, kind)
+
+
+# ------------------------------------------------------------------------------------------ run commands
+
+
+def _spec(args: argparse.Namespace, kind: str):
+    if kind == "label":
+        if (args.input is None) != (args.output is None):
+            raise SpecError(["label: give both INPUT and OUTPUT (or neither, with --spec)"])
+    else:
+        if args.spec_file and args.spec:
+            raise SpecError([f"{kind}: give the spec once: SPEC or --spec, not both"])
+        args.spec = args.spec or args.spec_file
+    return spec_from_args(args, kind)
+
+
+def _connect(address: str | None) -> None:
+    from pipeline.cluster import ensure_ray, resolve_address
+
+    target = resolve_address(address)
+    if target is not None:
+        say(f"connecting to Ray at {target}")
+    how = ensure_ray(address, include_dashboard=False, logging_level=logging.WARNING)
+    if how == "local":
+        say("started an embedded local Ray (pass --address or set RAY_ADDRESS to use a cluster)")
+    # Our progress line replaces Ray Data's per-dataset plan and timing messages.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _warn_random(spec) -> None:
+    if spec.model == "tiny":
+        say(
+            "warning: --model tiny has random weights: its labels mean nothing "
+            "(use demo, base, large or a checkpoint)"
+        )
+
+
+def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
+    from ebseg.checkpoint import RandomWeightsWarning
+    from pipeline.label import IncompleteRunError, OutputMismatchError, run
+
+    _warn_random(spec)
+    job = spec.to_job()  # checks the pipeline's own rules before Ray starts
+    _connect(args.address)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)  # said once above, in words
+            summary = run(job)
+    except (IncompleteRunError, OutputMismatchError) as e:
+        raise CommandError(str(e)) from e
+    if not args.json:
+        errors = ", ".join(f"{k}: {v}" for k, v in summary["errors_by_reason"].items())
+        rate = summary["images_per_s"]
+        print(
+            f"labelled {summary['images']} images in {summary['wall_s']['total']:.1f} s"
+            + (f" ({rate:.2f} images/s)" if rate else "")
+            + f": {summary['ok']} ok, {summary['errors']} failed"
+            + (f" ({errors})" if errors else "")
+        )
+        print(
+            f"output: {spec.output} ({summary['shards_written']} shards written, "
+            f"{summary['shards_skipped']} already done; summary.json)"
+        )
+        print(
+            f'next: ebseg query {spec.output} "SELECT label, count(*) AS images FROM segments GROUP BY label"'
+        )
+    return summary
+
+
+def run_train(spec, args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    from pipeline.train import run
+
+    job = spec.to_job()
+    _connect(args.address)
+    result = dataclasses.asdict(run(job))
+    if not args.json:
+        print(f"trained {spec.name} to step {result['step']}: {result['run_uri']}")
+        print(f"model: {result['final_model_uri']} (use it as --model)")
+    return result
+
+
+def run_eval(spec, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.evaluate import METRICS_FILE, run
+
+    _warn_random(spec)
+    job = spec.to_job()
+    _connect(args.address)
+    record = run(job)
+    if not args.json:
+
+        def pct(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:.1f}"
+
+        print(
+            f"{record['images']} images, {record['num_classes']} classes: mIoU {pct(record['mIoU'])}, "
+            f"pixel accuracy {pct(record['pixel_accuracy'])}, fwIoU {pct(record['fwIoU'])}"
+        )
+        print(f"metrics: {spec.output.rstrip('/')}/{METRICS_FILE}")
+    return record
+
+
+_RUNNERS = {"label": run_label, "train": run_train, "eval": run_eval}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _spec(args, args.command)
+    if args.dry_run:
+        sys.stdout.write(dump_spec(spec))
+        return 0
+    result = _RUNNERS[args.command](spec, args)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ cluster commands
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs import submit
+    from jobs.specs import load_spec
+
+    spec = load_spec(args.spec)  # invalid specs never reach the cluster
+    client, job_id = submit.submit(
+        spec, address=args.address, carry_package=args.carry_package, job_id=args.job_id
+    )
+    say(f"submitted {spec.kind} job {job_id}")
+    print(job_id, flush=True)
+    if not args.wait:
+        say(f"follow it with: ebseg logs {job_id} --follow   (status: ebseg status {job_id})")
+        return 0
+    try:
+        submit.stream_logs(client, job_id)
+        status = submit.wait(client, job_id)
+    except KeyboardInterrupt:
+        say(f"stopped following; job {job_id} keeps running (ebseg status {job_id})")
+        return 130
+    info = submit.describe(client, job_id)
+    say(f"job {job_id} {status.lower()}" + (f": {info['message']}" if status != "SUCCEEDED" else ""))
+    return 0 if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    info = submit.describe(submit.client(args.address), args.job_id)
+    for key, value in info.items():
+        if value is not None:
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    client = submit.client(args.address)
+    submit.describe(client, args.job_id)  # an unknown id is an error, not an empty log
+    if args.follow:
+        submit.stream_logs(client, args.job_id)
+    else:
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ output commands
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any] | None:
+    return storage_options_from_flags(args.storage_options) if args.storage_options else None
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from jobs.tables import write_table
+    from pipeline.query import open_output
+
+    with open_output(args.output, storage_options=_options(args)) as out:
+        try:
+            result = out.sql(args.sql)
+        except duckdb.Error as e:
+            raise CommandError(f"query failed: {e}") from e
+    if args.format == "table":
+        write_table(result, sys.stdout, max_rows=args.max_rows)
+    else:
+        write_result(result, sys.stdout, args.format)
+    return 0
+
+
+def _resolve_image_id(output: str, image_id: str, options: dict[str, Any] | None) -> str:
+    from pipeline.query import open_output
+
+    with open_output(output, storage_options=options) as out:
+        rows = out.sql("SELECT image_id FROM images WHERE starts_with(image_id, ?) LIMIT 3", [image_id])
+    ids = rows.column("image_id").to_pylist()
+    if image_id in ids or len(ids) == 1:
+        return image_id if image_id in ids else ids[0]
+    if not ids:
+        raise CommandError(
+            f'no image {image_id!r} in {output} (ebseg query {output} "SELECT image_id FROM images")'
+        )
+    raise CommandError(f"{image_id!r} is the start of several image ids: {', '.join(ids)}, ...")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.overlay import render_overlay
+
+    options = _options(args)
+    image_id = _resolve_image_id(args.output, args.image_id, options)
+    drawn = render_overlay(args.output, image_id, args.out, storage_options=options, alpha=args.alpha)
+    classes = ", ".join(drawn["classes"]) or "no class"
+    print(f"wrote {args.out} ({drawn['width']}x{drawn['height']}): {classes}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_coco, export_png
+
+    exporter = export_coco if args.format == "coco" else export_png
+    result = exporter(args.output, args.dest, storage_options=_options(args))
+    print(json.dumps(result, default=str))
+    return 0
+
+
+_COMMANDS = {
+    "label": cmd_run,
+    "train": cmd_run,
+    "eval": cmd_run,
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "query": cmd_query,
+    "show": cmd_show,
+    "export": cmd_export,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in _RUNNERS and "ray" not in sys.modules:
+        from pipeline.cluster import resolve_address
+
+        if resolve_address(args.address) is None:
+            # A new local Ray gets token authentication either way (Ray 2.60 turns it on and warns that it
+            # did); saying so before Ray is imported keeps it on without the warning.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        return _COMMANDS[args.command](args)
+    except SpecError as e:
+        print(f"ebseg {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as e:
+        say(f"error: {e}")
+        return EXIT_FAILED
+    except SubmitError as e:
+        say(f"error: {e}")
+        return EXIT_FAILED
+    except _JOB_ERRORS as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        say(f"error: {type(e).__name__}: {message}")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
