@@ -142,3 +142,18 @@ def test_readme_ebseg_command_extraction_sees_compose_exec_and_env_prefixes():
         ["ebseg", "query", "o", "SELECT 1"],
     ]
     assert ebseg_commands("ebseg label a b, outside a code block") == []
+
+
+def test_the_walkthrough_flags_and_its_spec_file_are_the_same_job():
+    """The local-stack walkthrough labels once with flags and once with infra/specs/minio-label.yaml into the
+    same output: the second resumes the first only if both resolve to the same spec."""
+    cli = pytest.importorskip("jobs.cli", reason="jobs.cli (the `ebseg` CLI) is not importable")
+    spec = load_spec(SPECS / "minio-label.yaml")
+    commands = [a for a in ebseg_commands(INFRA_README.read_text(encoding="utf-8")) if a[1] == "label"]
+    matching = [a for a in commands if spec.output in a]
+    assert matching, f"infra/README.md has no `ebseg label` command writing to {spec.output}"
+    for argv in matching:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            assert cli.main([*argv[1:], "--dry-run"]) == 0
+        assert load_spec(out.getvalue()) == spec, f"`{' '.join(argv)}` differs from minio-label.yaml"
