@@ -112,6 +112,10 @@ def test_image_extras_match_the_readme_and_every_runtime_dependency_is_pinned():
     assert documented in INFRA_README.read_text(encoding="utf-8"), f"infra/README.md must say `{documented}`"
     pinned = pins()
     wanted = pyproject()["dependencies"] + [r for e in sorted(extras) for r in optional[e]]
+    # Packages the Dockerfile adds beyond pyproject (boto3 for the cluster launcher's autoscaler).
+    added = re.findall(r'^deps\.append\("([^"]+)"\)', DOCKERFILE.read_text(encoding="utf-8"), re.M)
+    assert "boto3" in added, "the launcher's autoscaler on the head needs boto3 in the image"
+    wanted += added
     for requirement in map(Requirement, wanted):
         name = canonicalize_name(requirement.name)
         assert name in pinned, f"{CONSTRAINTS.name}: {name} is a runtime dependency but is not pinned"
