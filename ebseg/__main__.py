@@ -1,8 +1,8 @@
-"""``ebseg`` / ``python -m ebseg``: segment images from the command line.
+"""``python -m ebseg segment``: segment a few local images in-process, without Ray.
 
-The full CLI (label, train, eval, submit, query, show, export on Ray) lands with the ``jobs`` package;
-until then this entry point segments local images with a preset or a checkpoint and prints what it
-found, which is enough to check an installation end to end.
+The ``ebseg`` command (``jobs/cli.py``: label, train, eval, submit, query, show, export on Ray) is the
+user-facing CLI; this entry point needs only the model library, which makes it the quickest check that
+``ebseg/`` and its weights work on a machine, and prints what it found.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _load_model(spec: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ebseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ebseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment images and print the classes found")
     seg.add_argument("images", nargs="*", help="image files (default: two sample photos)")

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="draw one labelled image with its masks, outlines and legend")
     show.add_argument("output", metavar="OUTPUT")
-    show.add_argument("image_id", metavar="IMAGE_ID", help="an image_id, or a unique prefix of one")
+    show.add_argument("image_id", metavar="IMAGE_ID", help="an image_id, a unique prefix, or the file name")
     show.add_argument("--out", required=True, help="PNG to write (path or URI)")
     show.add_argument("--alpha", type=float, default=0.5, help="mask opacity, 0..1")
     _storage_flag(show)
@@ -324,19 +324,25 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_image_id(output: str, image_id: str, options: dict[str, Any] | None) -> str:
+def _resolve_image_id(output: str, name: str, options: dict[str, Any] | None) -> str:
+    """An image id from what a user has at hand: the id, a unique prefix of it, or the input's file name
+    (``000003.png``, a full ``source_uri``, or a tar / Parquet member)."""
     from pipeline.query import open_output
 
+    sql = (
+        "SELECT image_id, source_uri, member FROM images WHERE image_id = $1 OR starts_with(image_id, $1) "
+        "OR source_uri = $1 OR ends_with(source_uri, '/' || $1) OR member = $1 ORDER BY image_id LIMIT 5"
+    )
     with open_output(output, storage_options=options) as out:
-        rows = out.sql("SELECT image_id FROM images WHERE starts_with(image_id, ?) LIMIT 3", [image_id])
-    ids = rows.column("image_id").to_pylist()
-    if image_id in ids or len(ids) == 1:
-        return image_id if image_id in ids else ids[0]
-    if not ids:
-        raise CommandError(
-            f'no image {image_id!r} in {output} (ebseg query {output} "SELECT image_id FROM images")'
-        )
-    raise CommandError(f"{image_id!r} is the start of several image ids: {', '.join(ids)}, ...")
+        rows = out.sql(sql, [name]).to_pylist()
+    exact = [r["image_id"] for r in rows if r["image_id"] == name]
+    if exact or len(rows) == 1:
+        return exact[0] if exact else rows[0]["image_id"]
+    if not rows:
+        listing = f'ebseg query {output} "SELECT image_id, source_uri FROM images"'
+        raise CommandError(f"no image {name!r} in {output} (list them: {listing})")
+    found = ", ".join(f"{r['image_id']} ({r['member'] or r['source_uri']})" for r in rows)
+    raise CommandError(f"{name!r} matches several images: {found}; give the full image_id")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -386,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as e:
         print(f"ebseg {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # `ebseg query OUT "..." | head`: the reader has gone. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again, and exit as Python does on EPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except CommandError as e:
         say(f"error: {e}")
         return EXIT_FAILED

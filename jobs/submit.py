@@ -30,6 +30,7 @@ from jobs.specs import SpecError, dump_spec, parse_spec
 PATH_FIELDS = ("input", "output", "data", "val_data", "storage", "model")
 PACKAGES = ("ebseg", "pipeline", "jobs")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60.0  # how long a submission waits for a new head's job agent
 
 
 class SubmitError(RuntimeError):
@@ -127,15 +128,23 @@ def submit(
         for note in bundle.notes:
             print(f"ebseg: note: {note}", file=out)
         entrypoint = f"python -m jobs {spec.kind} --spec spec.yaml"
-        try:
-            submitted = jobs_client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=job_id,
-                runtime_env=runtime_env(Path(tmp), carry_package=carry_package),
-                metadata={"ebseg_kind": spec.kind},
-            )
-        except (RuntimeError, ValueError) as e:
-            raise SubmitError(f"the cluster refused the job: {e}") from e
+        env = runtime_env(Path(tmp), carry_package=carry_package)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                submitted = jobs_client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=job_id,
+                    runtime_env=env,
+                    metadata={"ebseg_kind": spec.kind},
+                )
+                break
+            except (RuntimeError, ValueError) as e:
+                # A head that has just started answers HTTP before its job agent has registered.
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(2.0)
+                    continue
+                raise SubmitError(f"the cluster refused the job: {e}") from e
     return jobs_client, submitted
 
 

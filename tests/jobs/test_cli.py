@@ -137,6 +137,11 @@ def test_show_writes_an_overlay_of_the_image_size(labelled, tmp_path, capsys):
     assert drawn.format == "PNG" and drawn.size == original.size == (SIZE[1], SIZE[0])
     assert np.abs(np.asarray(drawn.convert("RGB"), np.int16) - np.asarray(original.convert("RGB"))).mean() > 5
 
+    # The input's file name names the same image.
+    assert main(["show", str(out), Path(source).name, "--out", str(tmp_path / "by_name.png")]) == 0
+    assert (tmp_path / "by_name.png").read_bytes() == dest.read_bytes()
+    capsys.readouterr()
+
     assert main(["show", str(out), "not-an-id", "--out", str(tmp_path / "x.png")]) == 1
     assert "no image 'not-an-id'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -376,7 +376,7 @@ def test_must_show_real_photos_from_s3_to_s3_parquet(ray_local, s3_server, tiny_
 
 
 def test_module_entry_labels_shapes_with_the_demo_model(ray_local, tmp_path, capsys):
-    """The README's main job: shapes images labelled by the shipped demo model through the library entry."""
+    """Shapes images labelled by the shipped demo model through `python -m pipeline.label` (no CLI)."""
     from ebseg.data.labels import decode_label
     from ebseg.data.shapes import write_shapes
 
