@@ -270,6 +270,7 @@ def main(argv=None) -> None:
             warnings.simplefilter("ignore", RandomWeightsWarning)
             spec = model_spec(args.preset, root)
         ray.init(
+            address="local",  # a fresh Ray, never one `ray start` left recorded on the machine
             num_cpus=args.ray_cpus,
             include_dashboard=False,
             log_to_driver=False,

@@ -87,6 +87,10 @@ def head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever the node's drain left running
     proc.wait()
     log.close()
+    # `ray start` records its head for later `ray.init()` calls on this machine; that head is gone now.
+    current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 def ebseg(*args: str, env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
