@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line; ``build_parser().parse_args(argv)`` checks one without running anything."""
     parser = argparse.ArgumentParser(
         prog="ebseg",
+        allow_abbrev=False,  # a flag in a manifest must be spelled out: a new flag could make it ambiguous
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ebseg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    label = sub.add_parser("label", help="label images into Parquet records (masks, classes, areas)")
+    label = sub.add_parser(
+        "label", help="label images into Parquet records (masks, classes, areas)", allow_abbrev=False
+    )
     label.add_argument("input", nargs="?", help="images, .tar shards or Parquet files: path, glob or URI")
     label.add_argument("output", nargs="?", help="output directory or URI")
     _run_options(label, "label")
@@ -63,11 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train or resume a model on Ray Train"),
         ("eval", "mIoU of a model on a dataset"),
     ):
-        p = sub.add_parser(kind, help=text)
+        p = sub.add_parser(kind, help=text, allow_abbrev=False)
         p.add_argument("spec_file", nargs="?", metavar="SPEC", help="YAML or JSON spec (same as --spec)")
         _run_options(p, kind)
 
-    submit = sub.add_parser("submit", help="run a spec on a Ray cluster through the Ray Jobs API")
+    submit = sub.add_parser(
+        "submit", help="run a spec on a Ray cluster through the Ray Jobs API", allow_abbrev=False
+    )
     submit.add_argument("spec", metavar="SPEC", help="YAML or JSON spec with kind: label | train | eval")
     _address(submit, "the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
     submit.add_argument("--wait", action="store_true", help="stream the job's log; exit non-zero if it fails")
@@ -77,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
     for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's log")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, allow_abbrev=False)
         p.add_argument("job_id", metavar="JOB_ID")
         _address(p, "the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
-    query = sub.add_parser("query", help="SQL over a labelling output's `images` and `segments` views")
+    query = sub.add_parser(
+        "query", help="SQL over a labelling output's `images` and `segments` views", allow_abbrev=False
+    )
     query.add_argument("output", metavar="OUTPUT")
     query.add_argument(
         "sql", metavar="SQL", help='e.g. "SELECT label, count(*) FROM segments GROUP BY label"'
@@ -92,14 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--max-rows", type=int, default=100, help="table rows shown (csv and json print all)")
     _storage_flag(query)
 
-    show = sub.add_parser("show", help="draw one labelled image with its masks, outlines and legend")
+    show = sub.add_parser(
+        "show", help="draw one labelled image with its masks, outlines and legend", allow_abbrev=False
+    )
     show.add_argument("output", metavar="OUTPUT")
     show.add_argument("image_id", metavar="IMAGE_ID", help="an image_id, a unique prefix, or the file name")
     show.add_argument("--out", required=True, help="PNG to write (path or URI)")
     show.add_argument("--alpha", type=float, default=0.5, help="mask opacity, 0..1")
     _storage_flag(show)
 
-    export = sub.add_parser("export", help="COCO JSON, or PNG label maps with id2label.json")
+    export = sub.add_parser(
+        "export", help="COCO JSON, or PNG label maps with id2label.json", allow_abbrev=False
+    )
     export.add_argument("output", metavar="OUTPUT")
     export.add_argument("dest", metavar="DEST", help="a directory or URI (coco: also a .json file)")
     export.add_argument("--format", choices=("coco", "png"), required=True)

@@ -269,3 +269,32 @@ def test_console_script_is_installed():
     assert result.returncode == 0
     for command in ("label", "train", "eval", "submit", "status", "logs", "query", "show", "export"):
         assert command in result.stdout
+
+
+def test_train_then_eval_through_the_cli(ray_local, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_shapes(str(data / "train"), count=6, seed=0, size=128)
+    write_shapes(str(data / "val"), count=3, seed=1, size=128)
+    spec = tmp_path / "train.yaml"
+    spec.write_text(
+        f"kind: train\nname: r1\nstorage: {tmp_path / 'runs'}\ndata: {data / 'train'}\nmodel: tiny\n"
+        "trainable: all\nworkers: 1\nbatch_size: 2\nloss: tiny\naugment: small\nlr: 0.001\n"
+        "checkpoint_every: 2\nlog_every: 1\nsteps: 100\n"
+    )
+    assert main(["train", str(spec), "--steps", "2"]) == 0  # the flag overrides the file's 100
+    out = capsys.readouterr().out
+    final = tmp_path / "runs" / "r1" / "final.pt"
+    assert "trained r1 to step 2" in out and f"model: {final}" in out
+    assert final.is_file()
+
+    args = ["--data", str(data / "val"), "--output", str(tmp_path / "eval"), "--model", str(final)]
+    assert main(["eval", *args, "--batch-size", "2", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 3 and metrics["num_classes"] == 7
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
+
+
+def test_flags_must_be_spelled_out():
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["label", "in", "out", "--vocab", "a,b"])
+    assert exc.value.code == 2
