@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="run a spec on a Ray cluster through the Ray Jobs API", allow_abbrev=False
     )
     submit.add_argument("spec", metavar="SPEC", help="YAML or JSON spec with kind: label | train | eval")
-    _address(submit, "the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
+    submit.add_argument("--address", help="the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
     submit.add_argument("--wait", action="store_true", help="stream the job's log; exit non-zero if it fails")
     submit.add_argument(
         "--no-package", dest="carry_package", action="store_false",
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's log")):
         p = sub.add_parser(name, help=text, allow_abbrev=False)
         p.add_argument("job_id", metavar="JOB_ID")
-        _address(p, "the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
+        p.add_argument("--address", help="the cluster's Jobs API (http://HEAD:8265); default $RAY_ADDRESS")
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
@@ -127,10 +127,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _address(parser: argparse.ArgumentParser, text: str) -> None:
-    parser.add_argument("--address", help=text)
-
-
 def _storage_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
@@ -140,7 +136,10 @@ def _storage_flag(parser: argparse.ArgumentParser) -> None:
 
 def _run_options(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--spec", help="YAML or JSON spec file; flags override its fields")
-    _address(parser, "Ray to run on (ray://HOST:10001, HOST:6379, auto); default $RAY_ADDRESS, else local")
+    parser.add_argument(
+        "--address",
+        help="Ray to run on (ray://HOST:10001, HOST:6379, auto); default $RAY_ADDRESS, else local",
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the spec; run nothing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_spec_flags(parser, kind)
@@ -320,7 +319,6 @@ def _options(args: argparse.Namespace) -> dict[str, Any] | None:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from jobs.tables import write_table
     from pipeline.query import open_output
 
     with open_output(args.output, storage_options=_options(args)) as out:
@@ -328,10 +326,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             result = out.sql(args.sql)
         except duckdb.Error as e:
             raise CommandError(f"query failed: {e}") from e
-    if args.format == "table":
-        write_table(result, sys.stdout, max_rows=args.max_rows)
-    else:
-        write_result(result, sys.stdout, args.format)
+    write_result(result, sys.stdout, args.format, max_rows=args.max_rows)
     return 0
 
 

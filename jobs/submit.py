@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs.specs import SpecError, dump_spec, parse_spec
+from jobs.specs import dump_spec, parse_spec
 
 # Fields that name local files or directories the cluster's driver must find (made absolute when local).
 PATH_FIELDS = ("input", "output", "data", "val_data", "storage", "model")
@@ -85,11 +85,11 @@ def bundle_spec(spec, workdir: Path) -> Bundle:
     notes: list[str] = []
     for name in PATH_FIELDS:
         value = data.get(name)
-        if not isinstance(value, str) or not _is_local(value) or value in ("tiny", "demo", "base", "large"):
+        if not isinstance(value, str) or not _is_local(value):
             continue
         path = value.removeprefix("file://")
         if name == "model" and not Path(path).exists():
-            continue  # a preset name or a URI the loader resolves
+            continue  # a preset name (tiny, demo, base, large)
         if not os.path.isabs(path):
             data[name] = os.path.abspath(path)
         notes.append(f"{spec.kind}.{name}: local path {data[name]} must exist on the cluster's nodes")
@@ -184,4 +184,4 @@ def describe(jobs_client, job_id: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["SpecError", "SubmitError", "bundle_spec", "client", "describe", "stream_logs", "submit", "wait"]
+__all__ = ["SubmitError", "bundle_spec", "client", "describe", "stream_logs", "submit", "wait"]

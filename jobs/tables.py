@@ -85,9 +85,10 @@ def write_json(result: pa.Table, out: TextIO) -> None:
     out.write("\n")
 
 
-def write_result(result: pa.Table, out: TextIO, fmt: str) -> None:
+def write_result(result: pa.Table, out: TextIO, fmt: str, *, max_rows: int | None = 100) -> None:
+    """``max_rows`` applies to the table only: CSV and JSON are for programs and print every row."""
     if fmt == "table":
-        write_table(result, out)
+        write_table(result, out, max_rows=max_rows)
     elif fmt == "csv":
         write_csv(result, out)
     elif fmt == "json":
