@@ -52,12 +52,13 @@ import ray
 
 from ebseg import checkpoint
 from ebseg.build import build_ebseg
-from ebseg.checkpoint import RandomWeightsWarning, load_model
 from ebseg.predictor import Segmenter
 from ebseg.vocab import Vocabulary
-from pipeline.decode import DecodeImages
-from pipeline.label import LabelJob, run
-from pipeline.model_stage import SegmentImages, describe_model
+from ebseg.zoo import RandomWeightsWarning, describe_model, load_model
+from pipeline.label.decode import DecodeImages
+from pipeline.label.job import LabelJob
+from pipeline.label.run import run
+from pipeline.label.segment import SegmentImages
 
 STATS_ENV = "EBSEG_BENCH_STATS"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -79,8 +80,8 @@ class MeasuredSegmentImages(SegmentImages):
     (Defined in the script, so Ray ships the class by value.)
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         directory = Path(os.environ[STATS_ENV])
         tag = (directory / "current").read_text().strip()
         self.log = directory / f"{tag}-{os.getpid()}.jsonl"
@@ -207,8 +208,7 @@ def pipeline_run(args, *, spec: str, actors: int, root: Path, stats: Path) -> di
         progress=False,
     )
     start = time.perf_counter()
-    with RssSampler() as sampler, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
+    with RssSampler() as sampler:
         summary = run(job, model_stage_cls=MeasuredSegmentImages)
     wall = time.perf_counter() - start
     records = []
@@ -261,14 +261,13 @@ def model_only(args, *, spec: str, root: Path) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=RandomWeightsWarning)  # random weights on purpose: speed only
     with tempfile.TemporaryDirectory(prefix="ebseg-bench-") as tmp:
         root = Path(tmp)
         stats = root / "stats"
         stats.mkdir()
         write_inputs(root / "in", args.images, args.height, args.width)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            spec = model_spec(args.preset, root)
+        spec = model_spec(args.preset, root)
         ray.init(
             address="local",  # a fresh Ray, never one `ray start` left recorded on the machine
             num_cpus=args.ray_cpus,
@@ -283,9 +282,7 @@ def main(argv=None) -> None:
         finally:
             ray.shutdown()
         driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the model-only load
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            alone = model_only(args, spec=spec, root=root)
+        alone = model_only(args, spec=spec, root=root)
     for r in runs:
         r["ratio_run"] = r["run_images_per_s"] / alone["images_per_s"]
         r["ratio_steady"] = (r["steady_images_per_s"] or 0) / alone["images_per_s"]

@@ -7,37 +7,27 @@ seg = ebseg.Segmenter(model, ebseg.Vocabulary.from_benchmark("ade150"))
 p.label_map                           # (H, W) class ids into the vocabulary
 """
 
-import importlib
+from ebseg.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# Loaded on first use (PEP 562): light modules such as ebseg.resize and ebseg.vocab can be imported by
-# CPU-only decode workers without paying for torch, open_clip and segment_anything.
-_EXPORTS = {
-    "PRESETS": "ebseg.config",
-    "EBSegConfig": "ebseg.config",
-    "EBSeg": "ebseg.model",
-    "EBSegOutput": "ebseg.model",
-    "Prediction": "ebseg.predictor",
-    "Segmenter": "ebseg.predictor",
-    "Vocabulary": "ebseg.vocab",
-    "build_ebseg": "ebseg.build",
-    "checkpoint": "ebseg.checkpoint",
-}
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ebseg' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    value = module if module.__name__ == f"ebseg.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
+# Loaded on first use: light modules such as ebseg.resize and ebseg.vocab can be imported by CPU-only decode
+# workers without paying for torch, open_clip and segment_anything.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "PRESETS": "ebseg.config",
+        "EBSegConfig": "ebseg.config",
+        "EBSeg": "ebseg.model",
+        "EBSegOutput": "ebseg.model",
+        "Prediction": "ebseg.predictor",
+        "Segmenter": "ebseg.predictor",
+        "Vocabulary": "ebseg.vocab",
+        "build_ebseg": "ebseg.build",
+        "checkpoint": "ebseg.checkpoint",
+        "load_model": "ebseg.zoo",
+    },
+)
 
 __all__ = [
     "PRESETS",
@@ -50,4 +40,5 @@ __all__ = [
     "__version__",
     "build_ebseg",
     "checkpoint",
+    "load_model",
 ]

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ebseg import checkpoint
 from ebseg.predictor import Segmenter
 from ebseg.vocab import Vocabulary
+from ebseg.zoo import describe_model, load_model
 
 
 def _load_images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
@@ -30,10 +30,6 @@ def _load_images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
             "no IMAGE given and scikit-image (the bundled sample photos) is not installed"
         ) from None
     return [("skimage:astronaut", data.astronaut()), ("skimage:coffee", data.coffee())]
-
-
-def _load_model(spec: str):
-    return checkpoint.load_model(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab = Vocabulary.parse(args.vocabulary)
     except (ValueError, OSError) as exc:
         parser.error(f"--vocabulary: {exc}")
-    model = _load_model(args.model)
+    describe_model(args.model)  # says so when the weights are random
+    model = load_model(args.model)
     short_side = "model" if args.short_side is None else args.short_side
     segmenter = Segmenter(model, vocab, short_side=short_side, device=args.device)
     images = _load_images(args.images)

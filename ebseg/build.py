@@ -1,4 +1,8 @@
-"""``build_ebseg``: the one place that wires EBSeg's parts together and applies the freezing policy."""
+"""``build_ebseg``: the one place that wires EBSeg's parts together and applies the freezing policy.
+
+It builds the architecture only; weights are loaded afterwards, by ``ebseg.pretrained`` (initial CLIP and SAM
+weights) or ``ebseg.checkpoint`` (trained models), so no weight file is ever read while building.
+"""
 
 from __future__ import annotations
 
@@ -51,8 +55,8 @@ def apply_freezing(model: EBSeg) -> None:
 def build_ebseg(config: str | EBSegConfig = "base") -> EBSeg:
     """Build EBSeg from a preset name ("tiny", "base", "large") or a config.
 
-    Weights are random unless ``config.clip.pretrained`` / ``config.sam.checkpoint`` name initial weights
-    (loaded here through ``ebseg.checkpoint``); load a trained checkpoint with ``ebseg.checkpoint``.
+    Weights are random: ``ebseg.pretrained`` loads CLIP / SAM initial weights into the built model,
+    ``ebseg.checkpoint.load`` builds and fills a model from a trained checkpoint.
     """
     config = get_config(config)
     if config.pixel_decoder.conv_dim != config.decoder.hidden_dim:
@@ -86,11 +90,4 @@ def build_ebseg(config: str | EBSegConfig = "base") -> EBSeg:
         decoder=decoder,
     )
     apply_freezing(model)
-    if config.clip.pretrained is not None or config.sam.checkpoint is not None:
-        from ebseg import checkpoint  # local import: checkpoint imports this module
-
-        if config.clip.pretrained is not None:
-            checkpoint.load_clip_pretrained(model, config.clip.pretrained)
-        if config.sam.checkpoint is not None:
-            checkpoint.load_sam_checkpoint(model, config.sam.checkpoint)
     return model

@@ -1,6 +1,8 @@
 """Typed configs for every EBSeg component and the named presets.
 
-A preset is a plain function returning an :class:`EBSegConfig`; ``PRESETS`` maps names to them.
+A preset is a plain function returning an :class:`EBSegConfig`; ``PRESETS`` maps names to them. A config
+describes the architecture only: where initial weights come from (open_clip tags, SAM files) is the
+business of ``ebseg.pretrained``, and trained weights live in checkpoints (``ebseg.checkpoint``).
 ``base`` and ``large`` reproduce the reference architecture of EBSeg-B and EBSeg-L exactly (an official
 checkpoint converts onto them with no missing or unexpected key); ``tiny`` keeps every code path at a size
 that runs a 256x256 forward on CPU in about a second, for tests.
@@ -17,7 +19,6 @@ class ClipConfig:
     """The CLIP tower (vision and text) and where EBSeg cuts the vision tower in two."""
 
     model_name: str = "ViT-B-16"  # open_clip architecture, used to look up pretrained tags
-    pretrained: str | None = None  # open_clip tag ("openai"), a path or fsspec URI, or None (random init)
     embed_dim: int = 512  # joint image-text dimension D
     width: int = 768  # vision width C
     layers: int = 12
@@ -53,7 +54,6 @@ class SamConfig:
     window_size: int = 14
     patch_size: int = 16
     img_size: int = 1024  # sets the stored pos_embed grid (64x64); it is resized to the real input
-    checkpoint: str | None = None  # a sam_vit_b_01ec64.pth-style file (path or fsspec URI), or None
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,10 @@ class BalanceConfig:
     gamma: float = 0.7
 
 
+# (part, field): weight sources older configs held; checkpoints saved with them still load.
+_LEGACY_SOURCES = {("clip", "pretrained"), ("sam", "checkpoint")}
+
+
 @dataclass(frozen=True)
 class EBSegConfig:
     name: str = "base"
@@ -111,7 +115,11 @@ class EBSegConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> EBSegConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them.
+
+        Checkpoints written before weight sources left the configs (the shipped demo among them) carry
+        ``clip.pretrained`` and ``sam.checkpoint``; their weights are in the checkpoint, so both are dropped.
+        """
         parts = {
             "clip": ClipConfig,
             "sam": SamConfig,
@@ -122,7 +130,7 @@ class EBSegConfig:
         kwargs = dict(data)
         for key, part in parts.items():
             if key in kwargs:
-                values = dict(kwargs[key])
+                values = {k: v for k, v in dict(kwargs[key]).items() if (key, k) not in _LEGACY_SOURCES}
                 for name, value in values.items():
                     if isinstance(value, list):  # JSON turns tuples into lists
                         values[name] = tuple(value)

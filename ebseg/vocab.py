@@ -3,8 +3,9 @@
 EBSeg balances its three class-embedding sources differently for classes seen in training (COCO-Stuff-171)
 and unseen ones, so a vocabulary carries one ``seen`` flag per class. The reference decides it with synonym
 lists, not with the prompt names: a class is seen iff any of its synonyms equals any synonym of a
-COCO-Stuff-171 class. The six benchmark vocabularies ship as package data (``ebseg/vocabularies/*.json``,
-see the README there) with the reference's names, synonyms and flags byte for byte.
+COCO-Stuff-171 class (``ebseg.seen``). The six benchmark vocabularies ship as package data
+(``ebseg/vocabularies/*.json``, see the README there) with the reference's names, synonyms and flags byte
+for byte.
 
 Typical use::
 
@@ -19,13 +20,15 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
+
+from ebseg.seen import default_synonyms, seen_flags
 
 FORMAT = "ebseg-vocabulary"
 FORMAT_VERSION = 1
@@ -54,53 +57,6 @@ _ALIASES: dict[str, str] = {
     "pascal_context_459": "pc459",
     "voc_20": "voc20",
 }
-
-
-# ----------------------------------------------------------------------------------------------- seen rule
-
-
-@cache
-def _train_synonyms() -> frozenset[str]:
-    """The 328 synonyms of the COCO-Stuff-171 training classes, exactly as the reference reads them."""
-    data = json.loads((_DATA_DIR / "coco171.json").read_text(encoding="utf-8"))
-    return frozenset(s for c in data["classes"] for s in c["synonyms"])
-
-
-@cache
-def _train_synonyms_normalized() -> frozenset[str]:
-    return frozenset(_normalize(s) for s in _train_synonyms())
-
-
-def _normalize(text: str) -> str:
-    return text.strip().lower()
-
-
-def is_seen(synonyms: Iterable[str], *, normalize: bool = False) -> bool:
-    """Whether a class with these synonyms counts as seen in training (COCO-Stuff-171).
-
-    With ``normalize=False`` this is the reference's rule: exact string equality, no stripping (COCO's
-    ``" wall wood"`` keeps its leading space). ``normalize=True`` compares stripped, lower-cased strings on
-    both sides, so a user's "Cat " counts as seen; on the six benchmarks both give the same flags.
-    """
-    if isinstance(synonyms, str):
-        raise TypeError(f"is_seen expects a list of synonyms, not the string {synonyms!r}")
-    if normalize:
-        return not _train_synonyms_normalized().isdisjoint(_normalize(s) for s in synonyms)
-    return not _train_synonyms().isdisjoint(synonyms)
-
-
-def seen_flags(synonym_lists: Iterable[Iterable[str]], *, normalize: bool = False) -> tuple[bool, ...]:
-    """:func:`is_seen` for every class."""
-    return tuple(is_seen(s, normalize=normalize) for s in synonym_lists)
-
-
-def default_synonyms(name: str) -> tuple[str, ...]:
-    """Synonyms of a class given only its prompt name: its comma-separated parts, then the name itself.
-
-    "building, edifice" -> ("building", "edifice", "building, edifice"); "cat" -> ("cat",).
-    """
-    parts = [p.strip() for p in name.split(",") if p.strip()]
-    return tuple(dict.fromkeys([*parts, name]))  # ordered de-duplication
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary

@@ -1,4 +1,4 @@
-"""User-facing jobs: validated specs (``jobs.specs``) that build the pipeline's job configs."""
+"""User-facing jobs: specs (``jobs.specs``: a pipeline job and its kind), flags, the ``ebseg`` command."""
 
 from jobs.specs import (
     EvalSpec,

@@ -15,31 +15,18 @@ Exit status: 0 done, 1 the job failed, 2 the command or spec is invalid (nothing
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
-from jobs.flags import add_spec_flags, spec_from_args
-from jobs.specs import SpecError, dump_spec, storage_options_from_flags
+from jobs.console import EXIT_FAILED, EXIT_USAGE, JOB_ERRORS, CommandError, say, show_warning
+from jobs.flags import add_spec_flags
+from jobs.results import cmd_export, cmd_query, cmd_show
+from jobs.runs import RUNNERS, cmd_run
+from jobs.specs import SpecError
 from jobs.submit import SubmitError
-from jobs.tables import FORMATS, write_result
-
-EXIT_FAILED, EXIT_USAGE = 1, 2
-# Errors a user can act on: printed as one line, no traceback.
-_JOB_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, ValueError, KeyError)
-
-
-class CommandError(RuntimeError):
-    """A command that failed for a reason the message explains (exit status 1)."""
-
-
-def say(message: str) -> None:
-    print(f"ebseg: {message}", file=sys.stderr, flush=True)
-
+from jobs.tables import FORMATS
 
 # ------------------------------------------------------------------------------------------ parser
 
@@ -148,118 +135,6 @@ def _run_options(parser: argparse.ArgumentParser, kind: str) -> None:
 # ------------------------------------------------------------------------------------------ run commands
 
 
-def _spec(args: argparse.Namespace, kind: str):
-    if kind == "label":
-        if (args.input is None) != (args.output is None):
-            raise SpecError(["label: give both INPUT and OUTPUT (or neither, with --spec)"])
-    else:
-        if args.spec_file and args.spec:
-            raise SpecError([f"{kind}: give the spec once: SPEC or --spec, not both"])
-        args.spec = args.spec or args.spec_file
-    return spec_from_args(args, kind)
-
-
-def _connect(address: str | None) -> None:
-    from pipeline.cluster import ensure_ray, resolve_address
-
-    target = resolve_address(address)
-    if target is not None:
-        say(f"connecting to Ray at {target}")
-    how = ensure_ray(address, include_dashboard=False, logging_level=logging.WARNING)
-    if how == "local":
-        say("started an embedded local Ray (pass --address or set RAY_ADDRESS to use a cluster)")
-    # Our progress line replaces Ray Data's per-dataset plan and timing messages.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def _warn_random(spec) -> None:
-    if spec.model == "tiny":
-        say(
-            "warning: --model tiny has random weights: its labels mean nothing "
-            "(use demo, base, large or a checkpoint)"
-        )
-
-
-def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
-    from ebseg.checkpoint import RandomWeightsWarning
-    from pipeline.label import IncompleteRunError, OutputMismatchError, run
-
-    _warn_random(spec)
-    job = spec.to_job()  # checks the pipeline's own rules before Ray starts
-    _connect(args.address)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)  # said once above, in words
-            summary = run(job)
-    except (IncompleteRunError, OutputMismatchError) as e:
-        raise CommandError(str(e)) from e
-    if not args.json:
-        errors = ", ".join(f"{k}: {v}" for k, v in summary["errors_by_reason"].items())
-        rate = summary["images_per_s"]
-        print(
-            f"labelled {summary['images']} images in {summary['wall_s']['total']:.1f} s"
-            + (f" ({rate:.2f} images/s)" if rate else "")
-            + f": {summary['ok']} ok, {summary['errors']} failed"
-            + (f" ({errors})" if errors else "")
-        )
-        print(
-            f"output: {spec.output} ({summary['shards_written']} shards written, "
-            f"{summary['shards_skipped']} already done; summary.json)"
-        )
-        print(
-            f'next: ebseg query {spec.output} "SELECT label, count(*) AS images FROM segments GROUP BY label"'
-        )
-    return summary
-
-
-def run_train(spec, args: argparse.Namespace) -> dict[str, Any]:
-    import dataclasses
-
-    from pipeline.train import run
-
-    job = spec.to_job()
-    _connect(args.address)
-    result = dataclasses.asdict(run(job))
-    if not args.json:
-        print(f"trained {spec.name} to step {result['step']}: {result['run_uri']}")
-        print(f"model: {result['final_model_uri']} (use it as --model)")
-    return result
-
-
-def run_eval(spec, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.evaluate import METRICS_FILE, run
-
-    _warn_random(spec)
-    job = spec.to_job()
-    _connect(args.address)
-    record = run(job)
-    if not args.json:
-
-        def pct(value: float | None) -> str:
-            return "n/a" if value is None else f"{100 * value:.1f}"
-
-        print(
-            f"{record['images']} images, {record['num_classes']} classes: mIoU {pct(record['mIoU'])}, "
-            f"pixel accuracy {pct(record['pixel_accuracy'])}, fwIoU {pct(record['fwIoU'])}"
-        )
-        print(f"metrics: {spec.output.rstrip('/')}/{METRICS_FILE}")
-    return record
-
-
-_RUNNERS = {"label": run_label, "train": run_train, "eval": run_eval}
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    spec = _spec(args, args.command)
-    if args.dry_run:
-        sys.stdout.write(dump_spec(spec))
-        return 0
-    result = _RUNNERS[args.command](spec, args)
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    return 0
-
-
 # ------------------------------------------------------------------------------------------ cluster commands
 
 
@@ -312,65 +187,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ output commands
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any] | None:
-    return storage_options_from_flags(args.storage_options) if args.storage_options else None
-
-
-def cmd_query(args: argparse.Namespace) -> int:
-    import duckdb
-
-    from pipeline.query import open_output
-
-    with open_output(args.output, storage_options=_options(args)) as out:
-        try:
-            result = out.sql(args.sql)
-        except duckdb.Error as e:
-            raise CommandError(f"query failed: {e}") from e
-    write_result(result, sys.stdout, args.format, max_rows=args.max_rows)
-    return 0
-
-
-def _resolve_image_id(output: str, name: str, options: dict[str, Any] | None) -> str:
-    """An image id from what a user has at hand: the id, a unique prefix of it, or the input's file name
-    (``000003.png``, a full ``source_uri``, or a tar / Parquet member)."""
-    from pipeline.query import open_output
-
-    sql = (
-        "SELECT image_id, source_uri, member FROM images WHERE image_id = $1 OR starts_with(image_id, $1) "
-        "OR source_uri = $1 OR ends_with(source_uri, '/' || $1) OR member = $1 ORDER BY image_id LIMIT 5"
-    )
-    with open_output(output, storage_options=options) as out:
-        rows = out.sql(sql, [name]).to_pylist()
-    exact = [r["image_id"] for r in rows if r["image_id"] == name]
-    if exact or len(rows) == 1:
-        return exact[0] if exact else rows[0]["image_id"]
-    if not rows:
-        listing = f'ebseg query {output} "SELECT image_id, source_uri FROM images"'
-        raise CommandError(f"no image {name!r} in {output} (list them: {listing})")
-    found = ", ".join(f"{r['image_id']} ({r['member'] or r['source_uri']})" for r in rows)
-    raise CommandError(f"{name!r} matches several images: {found}; give the full image_id")
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline.overlay import render_overlay
-
-    options = _options(args)
-    image_id = _resolve_image_id(args.output, args.image_id, options)
-    drawn = render_overlay(args.output, image_id, args.out, storage_options=options, alpha=args.alpha)
-    classes = ", ".join(drawn["classes"]) or "no class"
-    print(f"wrote {args.out} ({drawn['width']}x{drawn['height']}): {classes}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_coco, export_png
-
-    exporter = export_coco if args.format == "coco" else export_png
-    result = exporter(args.output, args.dest, storage_options=_options(args))
-    print(json.dumps(result, default=str))
-    return 0
-
-
 _COMMANDS = {
     "label": cmd_run,
     "train": cmd_run,
@@ -386,13 +202,14 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in _RUNNERS and "ray" not in sys.modules:
+    if args.command in RUNNERS and "ray" not in sys.modules:
         from pipeline.cluster import resolve_address
 
         if resolve_address(args.address) is None:
             # A new local Ray gets token authentication either way (Ray 2.60 turns it on and warns that it
             # did); saying so before Ray is imported keeps it on without the warning.
             os.environ.setdefault("RAY_AUTH_MODE", "token")
+    warnings.showwarning = show_warning
     try:
         return _COMMANDS[args.command](args)
     except SpecError as e:
@@ -409,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SubmitError as e:
         say(f"error: {e}")
         return EXIT_FAILED
-    except _JOB_ERRORS as e:
+    except JOB_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         say(f"error: {type(e).__name__}: {message}")
         return EXIT_FAILED

@@ -2,8 +2,9 @@
 
 Every field of ``LabelSpec`` / ``TrainSpec`` / ``EvalSpec`` gets a flag named after it (``batch_size`` ->
 ``--batch-size``; booleans ``--use-gpu`` / ``--no-use-gpu``; ``storage_options`` -> repeated
-``--storage-option KEY=VALUE``). Flags carry strings; pydantic converts and checks them exactly as it checks a
-spec file, so both spellings fail with the same message. A field added to a spec model is a flag at once.
+``--storage-option KEY=VALUE``), with the field's own description as its help. Flags carry strings; pydantic
+converts and checks them exactly as it checks a spec file, so both spellings fail with the same message. A
+field added to a job model is a flag at once.
 """
 
 from __future__ import annotations
@@ -20,20 +21,6 @@ from jobs.specs import SPEC_TYPES, SpecError, parse_spec, read_spec_data
 POSITIONAL = {"label": ("input", "output")}
 # Values that set an optional field to None from a command line ("--amp-dtype none").
 NONE_WORDS = ("none", "null")
-
-HELP = {
-    "input": "images, .tar shards or Parquet files: a path, prefix, glob or URI (s3://, gs://)",
-    "output": "output directory or URI",
-    "vocabulary": "benchmark (ade150, coco171, voc20, pc59, pc459, ade847), a file, or 'cat,dog,tree'",
-    "model": "demo | tiny (random weights) | base | large | checkpoint path or URI",
-    "actors": "model actors: a count, or MIN-MAX for an autoscaling pool",
-    "gpus_per_actor": "GPUs per model actor (fractions share a GPU; 0 runs on CPU)",
-    "storage_options": "fsspec option (repeatable); never credentials: use AWS_* variables",
-    "name": "run name under --storage; rerunning a name resumes it",
-    "storage": "where runs and checkpoints live (path or URI)",
-    "data": "image/annotation pairs: folder layout (images/, annotations/) or Parquet",
-    "limit": "evaluate only the first N images",
-}
 
 
 def flag_name(field: str) -> str:
@@ -67,7 +54,7 @@ def add_spec_flags(parser: argparse.ArgumentParser, kind: str) -> None:
         if name == "kind" or name in POSITIONAL.get(kind, ()):
             continue
         default = "required" if info.is_required() else f"default: {info.default!r}"
-        parts = [HELP.get(name, ""), default]
+        parts = [info.description or "", default]
         choices = _choices(info.annotation)
         if choices:
             parts.insert(0, "one of " + ", ".join(choices))

@@ -1,4 +1,6 @@
-"""Everything that runs on Ray: labelling dataflow, training loop, storage I/O, query.
+"""Everything that runs on Ray, in rooms by job: ``label/``, ``train/``, ``evaluate/``, ``results/``.
 
-Imports ``ebseg`` (the model library) and never ``jobs`` (the CLI and specs).
+Shared by the rooms: ``layout`` (a labelling output's files and schema), ``pairs`` (image/label pair sets),
+``jobmodel`` (what job definitions share), ``storage`` (fsspec I/O), ``cluster`` (which Ray a job joins),
+``batches``. Imports ``ebseg`` (the model library) and never ``jobs`` (the CLI and specs).
 """

@@ -4,21 +4,17 @@ Label maps are int32 arrays of class ids with ``IGNORE_INDEX`` (-1) on unlabelle
 8-bit PNGs with 255 = ignore, or 16-bit with 65535 = ignore for more than 255 classes (see ``labels.py``).
 """
 
-from ebseg.data.labels import IGNORE_INDEX, decode_label, encode_label, label_bits
-from ebseg.data.targets import semantic_targets
-from ebseg.data.transforms import AUGMENT_PRESETS, AugmentConfig, ColorJitter, augment, augment_config
+from ebseg.lazy import lazy_exports
 
-# The shapes set loads lazily, so ``python -m ebseg.data.shapes`` does not import its module twice.
-_SHAPES_NAMES = ("SHAPES_CLASSES", "generate", "shapes_vocabulary", "write_shapes")
-
-
-def __getattr__(name: str):
-    if name in _SHAPES_NAMES:
-        from ebseg.data import shapes
-
-        return getattr(shapes, name)
-    raise AttributeError(f"module 'ebseg.data' has no attribute {name!r}")
-
+# Loaded on first use: the label codec and the augmentation presets need no torch (targets do), and
+# ``python -m ebseg.data.shapes`` must not import its own module twice.
+_MODULES = {
+    "ebseg.data.labels": ("IGNORE_INDEX", "decode_label", "encode_label", "label_bits"),
+    "ebseg.data.targets": ("semantic_targets",),
+    "ebseg.data.transforms": ("AUGMENT_PRESETS", "AugmentConfig", "ColorJitter", "augment", "augment_config"),
+    "ebseg.data.shapes": ("SHAPES_CLASSES", "generate", "shapes_vocabulary", "write_shapes"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})
 
 __all__ = [
     "AUGMENT_PRESETS",

@@ -17,6 +17,7 @@ the same generator state.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,16 @@ class AugmentConfig:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if not 0 <= self.pad_value <= 255:
             raise ValueError(f"pad_value must be in 0..255, got {self.pad_value}")
+
+    def with_crop_size(self, crop_size: int) -> AugmentConfig:
+        """The same recipe at another crop size: the short sides and the long-side cap scale with it."""
+        ratio = crop_size / self.crop_size
+        return dataclasses.replace(
+            self,
+            crop_size=crop_size,
+            short_sides=tuple(max(1, round(s * ratio)) for s in self.short_sides),
+            max_size=max(crop_size, round(self.max_size * ratio)),
+        )
 
 
 def reference() -> AugmentConfig:

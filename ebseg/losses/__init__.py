@@ -7,19 +7,25 @@ BCE and dice with deep supervision, and the SSC loss.
     total_loss(terms).backward()
 """
 
-from ebseg.losses.config import PRESETS, LossConfig
-from ebseg.losses.criterion import (
-    REFERENCE_NAMES,
-    Criterion,
-    LossResult,
-    build_criterion,
-    reference_name,
-    total_loss,
-)
-from ebseg.losses.matcher import HungarianMatcher, Indices
-from ebseg.losses.points import pixel_centres, point_sample, uncertain_points, uniform_points
-from ebseg.losses.ssc import ssc_loss, text_affinity
-from ebseg.losses.targets import Targets, count_masks
+from ebseg.lazy import lazy_exports
+
+# Loaded on first use: ``ebseg.losses.config`` (the presets a job spec validates against) needs no torch.
+_MODULES = {
+    "ebseg.losses.config": ("PRESETS", "LossConfig"),
+    "ebseg.losses.criterion": (
+        "REFERENCE_NAMES",
+        "Criterion",
+        "LossResult",
+        "build_criterion",
+        "reference_name",
+        "total_loss",
+    ),
+    "ebseg.losses.matcher": ("HungarianMatcher", "Indices"),
+    "ebseg.losses.points": ("pixel_centres", "point_sample", "uncertain_points", "uniform_points"),
+    "ebseg.losses.ssc": ("ssc_loss", "text_affinity"),
+    "ebseg.losses.targets": ("Targets", "count_masks"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})
 
 __all__ = [
     "PRESETS",

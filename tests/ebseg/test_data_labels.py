@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ebseg.data import IGNORE_INDEX, decode_label, encode_label, label_bits, semantic_targets
+from ebseg.data.labels import encode_stored, to_stored
 
 
 def png(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
@@ -85,3 +86,33 @@ def test_semantic_targets_all_ignore_and_bad_input():
         semantic_targets(torch.tensor([[-3, 1]]))
     with pytest.raises(ValueError, match="integer"):
         semantic_targets(torch.zeros(4, 5))
+
+
+def random_labels(rng, shape, num_classes, *, with_none=False):
+    labels = rng.integers(0, num_classes, size=shape).astype(np.int32)
+    labels[: shape[0] // 3, : shape[1] // 2] = 1  # a large block, so RLE runs are long as in real maps
+    if with_none:
+        labels[-2:, -3:] = -1
+    return labels
+
+
+@pytest.mark.parametrize(("num_classes", "depth"), [(3, 8), (255, 8), (256, 16), (847, 16)])
+def test_stored_label_maps_round_trip_at_both_depths(num_classes, depth):
+    rng = np.random.default_rng(num_classes)
+    labels = random_labels(rng, (37, 53), num_classes, with_none=True)
+    stored = to_stored(labels, bits=label_bits(num_classes))
+    assert stored.dtype == (np.uint8 if depth == 8 else np.uint16)
+    assert stored[-1, -1] == (255 if depth == 8 else 65535)
+    png = encode_stored(stored, compress_level=1)
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.size == (53, 37)
+        assert im.mode == ("L" if depth == 8 else "I;16")
+    assert np.array_equal(decode_label(png), labels)
+
+
+def test_label_depth_limits():
+    assert label_bits(255) == 8 and label_bits(256) == 16
+    with pytest.raises(ValueError, match="16-bit"):
+        label_bits(70000)
+    with pytest.raises(ValueError, match="uint8/uint16"):
+        encode_stored(np.zeros((4, 4), np.int32))

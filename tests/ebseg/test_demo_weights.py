@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from ebseg.checkpoint import DEMO_WEIGHTS, load_model
 from ebseg.data.shapes import generate, shapes_vocabulary
-from ebseg.evaluation import SegmentationMetric
+from ebseg.metrics import SegmentationMetric
 from ebseg.predictor import Segmenter
+from ebseg.zoo import DEMO_WEIGHTS, load_model
 
 HELD_OUT_SEED = 7  # the demo trained on seed 0 and was validated on seed 1
 

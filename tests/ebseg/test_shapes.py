@@ -13,7 +13,7 @@ import pytest
 from ebseg.data import SHAPES_CLASSES, generate, shapes_vocabulary, write_shapes
 from ebseg.data.shapes import _STYLES, scene, shape_mask
 from ebseg.vocab import Vocabulary
-from pipeline.train_data import iter_pairs, list_pairs
+from pipeline.pairs import iter_pairs, list_pairs
 
 
 def test_deterministic_per_seed_and_index():

@@ -8,13 +8,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from ebseg.vocab import (
-    BENCHMARKS,
-    Vocabulary,
-    default_synonyms,
-    is_seen,
-    seen_flags,
-)
+from ebseg.seen import default_synonyms, is_seen, seen_flags
+from ebseg.vocab import BENCHMARKS, Vocabulary
 
 REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "vocabularies"
 REFERENCE_FILES = {

@@ -128,8 +128,8 @@ def test_weights_are_cached_on_a_volume_not_baked_in():
     env = dict(re.findall(r"(HF_HOME|HF_HUB_CACHE|TORCH_HOME)=(\S+)", dockerfile))
     assert env.keys() == {"HF_HOME", "HF_HUB_CACHE", "TORCH_HOME"}
     assert all(v.startswith("/cache/") for v in env.values()), env
-    # ebseg.checkpoint reads HF_HUB_CACHE for the official checkpoints and the open_clip weights.
-    assert "HF_HUB_CACHE" in (ROOT / "ebseg" / "checkpoint.py").read_text(encoding="utf-8")
+    # ebseg.downloads reads HF_HUB_CACHE for the official checkpoints and the open_clip weights.
+    assert "HF_HUB_CACHE" in (ROOT / "ebseg" / "downloads.py").read_text(encoding="utf-8")
     assert not re.search(r"^(COPY|ADD)\s.*\.(pth|pt|safetensors|bin)\b", dockerfile, re.M | re.I)
     assert re.search(r"^USER 1000", dockerfile, re.M), "the image runs as the non-root uid 1000"
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\}", dockerfile, re.M)

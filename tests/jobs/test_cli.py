@@ -23,7 +23,7 @@ from PIL import Image
 from ebseg.data.shapes import write_shapes
 from jobs.cli import build_parser, main
 from jobs.flags import spec_from_args
-from pipeline.query import open_output
+from pipeline.results.query import open_output
 
 EBSEG = Path(sys.executable).with_name("ebseg")
 SEED, COUNT, SIZE = 42, 8, (192, 256)  # non-square, so a transposed overlay would be caught

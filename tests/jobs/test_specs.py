@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 
 import pytest
 
 from jobs.specs import (
-    AmpDtype,
-    AugmentPreset,
     EvalSpec,
     LabelSpec,
-    LossPreset,
     SpecError,
-    Trainable,
-    TrainAmp,
     TrainSpec,
     dump_spec,
     load_spec,
     parse_spec,
     spec_from_flags,
 )
+from pipeline.evaluate.job import EvalJob
+from pipeline.label.job import LabelJob
+from pipeline.train.job import TrainJob
 
 LABEL_YAML = """
 kind: label
@@ -42,8 +38,6 @@ storage_options:
 
 
 def test_label_yaml_builds_the_label_job():
-    from pipeline.label import LabelJob
-
     spec = load_spec(LABEL_YAML)
     assert isinstance(spec, LabelSpec)
     job = spec.to_job()
@@ -66,8 +60,6 @@ def test_label_yaml_builds_the_label_job():
 
 
 def test_train_json_file_builds_the_train_job(tmp_path):
-    from pipeline.train import TrainJob
-
     path = tmp_path / "train.json"
     fields = {"kind": "train", "name": "shapes-demo", "storage": str(tmp_path / "runs"), "data": "s3://b/shapes",
               "val_data": "s3://b/shapes-val", "vocabulary": "circle,square,triangle", "model": "demo",
@@ -80,14 +72,12 @@ def test_train_json_file_builds_the_train_job(tmp_path):
     for key, value in fields.items():
         if key != "kind":
             assert getattr(job, key) == value, key
-    assert job.storage_options == {}  # TrainJob wants a mapping, never None
+    assert job.storage_options is None  # unset: fsspec defaults and the environment, as for every job
     assert job.run_uri == str(tmp_path / "runs" / "shapes-demo")
     assert job.images_per_step == 4
 
 
 def test_eval_yaml_file_builds_the_eval_job(tmp_path):
-    from pipeline.evaluate import EvalJob
-
     path = tmp_path / "eval.yaml"
     path.write_text(
         "kind: eval\ndata: /data/shapes-val\noutput: /out/eval\nmodel: /ckpt/final.pt\nlimit: 50\n"
@@ -100,41 +90,27 @@ def test_eval_yaml_file_builds_the_eval_job(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("spec_type", "job_path", "skip"),
-    [
-        (LabelSpec, "pipeline.label.LabelJob", set()),
-        (TrainSpec, "pipeline.train.TrainJob", {"inject_failure"}),  # a test drill, not a user setting
-        (EvalSpec, "pipeline.evaluate.EvalJob", set()),
-    ],
+    ("spec_type", "job_type"), [(LabelSpec, LabelJob), (TrainSpec, TrainJob), (EvalSpec, EvalJob)]
 )
-def test_spec_fields_and_defaults_mirror_the_job(spec_type, job_path, skip):
-    module, name = job_path.rsplit(".", 1)
-    job_type = getattr(__import__(module, fromlist=[name]), name)
-    job_fields = {f.name: f for f in dataclasses.fields(job_type)}
-    assert set(spec_type.model_fields) - {"kind"} == set(job_fields) - skip
-    for key, field in job_fields.items():
-        if key in skip or key == "storage_options":
-            continue
-        spec_default = spec_type.model_fields[key].default
-        if field.default is dataclasses.MISSING:
-            assert spec_type.model_fields[key].is_required(), key
-        else:
-            assert spec_default == field.default, key
-
-
-def test_enumerations_match_the_pipeline():
-    from ebseg.data.transforms import AUGMENT_PRESETS
-    from ebseg.losses.config import PRESETS as LOSS_PRESETS
-    from pipeline import model_stage, train
-    from pipeline.decode import DEFAULT_MAX_PIXELS
-    from pipeline.optim import TRAINABLE_POLICIES
-
-    assert set(typing.get_args(AmpDtype)) == {k for k in model_stage.AMP_DTYPES if k is not None}
-    assert set(typing.get_args(TrainAmp)) == set(train.AMP_DTYPES)
-    assert set(typing.get_args(Trainable)) == set(TRAINABLE_POLICIES)
-    assert set(typing.get_args(LossPreset)) == set(LOSS_PRESETS)
-    assert set(typing.get_args(AugmentPreset)) == set(AUGMENT_PRESETS)
-    assert LabelSpec.model_fields["max_pixels"].default == DEFAULT_MAX_PIXELS
+def test_a_spec_is_its_job_plus_a_kind(spec_type, job_type):
+    """One definition: a spec's fields, defaults and checks are its job's, so both refuse alike."""
+    assert issubclass(spec_type, job_type)
+    assert set(spec_type.model_fields) == {*job_type.model_fields, "kind"}
+    required = {"label": ("input", "output", "vocabulary"), "train": ("name", "storage", "data")}
+    fields = {
+        name: "x," if name == "vocabulary" else "x"
+        for name in required.get(spec_type.JOB.KIND, ("data", "output"))
+    }
+    bad = {**fields, "batch_size": 0}
+    with pytest.raises(SpecError) as from_python:
+        job_type(**bad)
+    with pytest.raises(SpecError) as from_spec:
+        parse_spec({"kind": spec_type.JOB.KIND, **bad})
+    assert (
+        from_python.value.problems
+        == from_spec.value.problems
+        == [f"{spec_type.JOB.KIND}.batch_size: must be >= 1 (got 0)"]
+    )
 
 
 def test_flags_and_yaml_spell_the_same_spec():

@@ -1,0 +1,30 @@
+"""What every ``ebseg`` command prints through: one ``ebseg:`` line per message, exit statuses, errors a
+user can act on, and our own warnings said in words."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+# Errors a user can act on: printed as one line, no traceback.
+JOB_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, ValueError, KeyError)
+
+
+class CommandError(RuntimeError):
+    """A command that failed for a reason the message explains (exit status 1)."""
+
+
+def say(message: str) -> None:
+    print(f"ebseg: {message}", file=sys.stderr, flush=True)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (random weights, ...) as one ``ebseg: warning:`` line; others as Python shows them."""
+    if category.__module__.split(".")[0] in ("ebseg", "pipeline", "jobs"):
+        say(f"warning: {message}")
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning

@@ -1,0 +1,208 @@
+"""Labelling at scale: a directory, bucket prefix, tar set or Parquet set of images -> the ``images`` table.
+
+One streaming Ray Data graph per run::
+
+    shards (driver) -> ReadShard (flat_map tasks) -> DecodeImages (CPU tasks)
+        -> SegmentImages (actor pool, GPU when gpus_per_actor > 0) -> encode_batch (CPU tasks)
+        -> ShardSink (driver: one Parquet file + manifest per input shard)
+
+``run(job)`` writes under ``job.output``: ``images/<shard_id>.parquet``, ``_manifest/<shard_id>.json``,
+``job.json``, ``vocabulary.json`` and ``summary.json`` (see ``docs/schema.md``). Committed shards (those with
+a manifest) are skipped by a rerun; a rerun with another model, vocabulary or input into the same output is
+refused (``OutputMismatchError``, see ``pipeline.label.plan``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import ray
+from ray.data import ActorPoolStrategy
+from ray.util.annotations import RayDeprecationWarning
+
+from pipeline import storage
+from pipeline.cluster import ensure_ray
+from pipeline.label.commit import ShardSink, SinkReport
+from pipeline.label.decode import DecodeImages
+from pipeline.label.job import LabelJob
+from pipeline.label.listing import Shard, list_shards
+from pipeline.label.plan import LabelPlan, claim_output, job_record, make_plan
+from pipeline.label.progress import Progress
+from pipeline.label.reading import ReadShard
+from pipeline.label.records import Provenance, encode_batch
+from pipeline.label.segment import SegmentImages
+from pipeline.layout import SUMMARY_FILE, committed_shards
+
+WAVE_SHARDS = 1024  # shards listed, then labelled, per streaming execution (see run)
+
+
+class IncompleteRunError(RuntimeError):
+    """Some shards did not receive all their rows; they were not committed, and a rerun redoes them."""
+
+
+def build_label_dataset(
+    job: LabelJob,
+    shards: Sequence[Shard],
+    *,
+    plan: LabelPlan | None = None,
+    model_stage_cls: type[SegmentImages] = SegmentImages,
+) -> ray.data.Dataset:
+    """The lazy record dataset of ``shards``: rows are ``IMAGES_SCHEMA`` records plus the sink's ``_``
+    columns (``_shard_size``, ``_decode_ms``, ``_model_ms``, ``_encode_ms``). Nothing runs until consumed."""
+    plan = plan or make_plan(job)
+    provenance = Provenance(plan.model.model_id, plan.vocabulary.id, plan.run_id)
+    ds = ray.data.from_items([s.to_row() for s in shards], override_num_blocks=max(1, len(shards)))
+    ds = ds.flat_map(ReadShard(storage_options=job.storage_options, image_column=job.image_column))
+    decode = DecodeImages(plan.model.short_side, plan.model.max_long_side, job.max_pixels)
+    ds = ds.map_batches(decode, batch_size=job.batch_size, batch_format="numpy")
+    # One model batch per block: the actor pool hands out whole blocks, and a block of many images (a
+    # task's outputs are merged up to 128 MiB) would keep every actor but one idle. Fused with decode.
+    ds = ds.repartition(target_num_rows_per_block=job.batch_size)
+    lo, hi = job.actor_range
+    pool = ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts yet and warns on every extra remote argument.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        ds = ds.map_batches(
+            model_stage_cls,
+            batch_size=job.batch_size,
+            batch_format="numpy",
+            fn_constructor_args=(plan.segmenter_settings(job),),
+            fn_constructor_kwargs={"encode_with": provenance if job.encode_in_actor else None},
+            compute=pool,
+            num_cpus=job.cpus_per_actor,
+            num_gpus=job.gpus_per_actor or None,
+            # A dead actor is restarted and its batch retried, a bounded number of times (Ray Data's
+            # default is forever, which would loop on an image that kills the process every time).
+            max_restarts=job.max_restarts,
+            max_task_retries=job.max_restarts,
+        )
+    if not job.encode_in_actor:
+        ds = ds.map_batches(
+            encode_batch,
+            batch_format="numpy",
+            fn_kwargs={"names": plan.vocabulary.names, "provenance": provenance},
+        )
+    return ds
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(enabled: bool):
+    """Turn Ray Data's own progress bars off while our progress line runs (restored afterwards)."""
+    context = ray.data.DataContext.get_current()
+    before = context.enable_progress_bars
+    context.enable_progress_bars = before and not enabled
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = before
+
+
+def _summarize(
+    *, record: Mapping[str, Any], shards: int, skipped: int, report: SinkReport, seconds: Mapping[str, float]
+) -> dict[str, Any]:
+    manifests = report.manifests
+    errors: dict[str, int] = {}
+    for m in manifests:
+        for code, count in m["errors_by_reason"].items():
+            errors[code] = errors.get(code, 0) + count
+    images = sum(m["rows"] for m in manifests)
+    stage = {
+        k: round(sum(m["timings_s"][k] for m in manifests), 3) for k in ("decode", "model", "encode", "write")
+    }
+    return {
+        "run_id": record["run_id"],
+        "model_id": record["model_id"],
+        "vocabulary_id": record["vocabulary_id"],
+        "shards_total": shards,
+        "shards_skipped": skipped,
+        "shards_written": len(manifests),
+        "shards_incomplete": {k: list(v) for k, v in sorted(report.incomplete.items())},
+        "images": images,
+        "ok": images - sum(errors.values()),
+        "errors": sum(errors.values()),
+        "errors_by_reason": dict(sorted(errors.items())),
+        "duplicate_rows_dropped": report.duplicate_rows,
+        "images_per_s": round(images / seconds["label"], 4) if seconds["label"] > 0 else None,
+        "wall_s": {k: round(v, 3) for k, v in seconds.items()},
+        "stage_busy_s": stage,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _waves(shards: Iterable[Shard], size: int) -> Iterator[list[Shard]]:
+    wave: list[Shard] = []
+    for shard in shards:
+        wave.append(shard)
+        if len(wave) == size:
+            yield wave
+            wave = []
+    if wave:
+        yield wave
+
+
+def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) -> dict[str, Any]:
+    """Label every image of ``job.input`` not yet committed under ``job.output``; return the summary.
+
+    Uses the connected Ray, else ``$RAY_ADDRESS``, else a new local Ray (``pipeline.cluster``).
+    model_stage_cls: the model stage's class (tests pass subclasses that fail on purpose).
+    """
+    start = time.monotonic()
+    plan = make_plan(job)
+    fs, root = storage.url_to_fs(job.output, job.storage_options)
+    record = job_record(job, plan)
+    claim_output(fs, root, record, plan, explicit_run_id=job.run_id is not None)
+    done = committed_shards(fs, root)
+    ready = time.monotonic()
+    listing = list_shards(
+        job.input,
+        storage_options=job.storage_options,
+        files_per_shard=job.files_per_shard,
+        image_column=job.image_column,
+    )
+    progress = Progress(total_shards=0, enabled=job.progress)
+    fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
+    shards = skipped = 0
+    with (
+        _quiet_ray_data(job.progress),
+        ShardSink(
+            root,
+            fs=fs,
+            expected_shards=(),
+            manifest_fields=fields,
+            on_commit=lambda manifest: progress.update(shards=1),
+        ) as sink,
+    ):
+        # Shards are scheduled in waves as the listing streams, so the driver holds at most one wave's
+        # member URIs, never a whole bucket's listing; a wave is one streaming Ray Data execution.
+        for wave in _waves(listing, WAVE_SHARDS):
+            todo = [s for s in wave if s.shard_id not in done]
+            shards += len(wave)
+            skipped += len(wave) - len(todo)
+            progress.total_shards, progress.skipped_shards = shards, skipped
+            if not todo:
+                continue
+            ensure_ray()
+            sink.expect(s.shard_id for s in todo)
+            ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=model_stage_cls)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.update(images=sink.add(batch))
+        report = sink.close()
+    progress.close()
+    end = time.monotonic()
+    # The listing streams alongside the labelling, so "label" covers both; "setup" is model description,
+    # output checks and the manifest listing.
+    seconds = {"total": end - start, "setup": ready - start, "label": end - ready}
+    summary = _summarize(record=record, shards=shards, skipped=skipped, report=report, seconds=seconds)
+    storage.write_json_atomic(fs, storage.join(root, SUMMARY_FILE), summary)
+    if report.incomplete:
+        raise IncompleteRunError(
+            f"{len(report.incomplete)} shard(s) did not receive all their rows and were not committed "
+            f"(received, expected): {summary['shards_incomplete']}; rerun the job to label them"
+        )
+    return summary

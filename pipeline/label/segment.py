@@ -1,0 +1,113 @@
+"""The model stage of the labelling graph: decoded images in, label maps at the original size out.
+
+``SegmentImages`` is a callable class for ``Dataset.map_batches`` on an actor pool: each actor loads the
+model and builds its ``Segmenter`` once (``ebseg.zoo.SegmenterSettings``), then maps numpy batches of decoded
+rows (``pipeline.label.decode``) to prediction rows. It runs without Ray too (call it on a hand-made batch).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ebseg.data.labels import label_bits
+from ebseg.zoo import SegmenterSettings
+from pipeline.batches import object_column
+from pipeline.label.records import Provenance, encode_batch, to_storage
+
+
+def _image_problem(image: Any) -> str | None:
+    """Why ``image`` cannot go to the model, found before it can fail a whole batch (None when fine)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        return f"expected an (H, W, 3) uint8 image, got {desc}"
+    if min(image.shape[:2]) < 1:
+        return f"empty image {image.shape}"
+    return None
+
+
+class SegmentImages:
+    """``map_batches`` callable: decoded rows -> prediction rows.
+
+    In: numpy batch of decoded rows {image_id, source_uri, shard_id, member, shard_size, width, height,
+    status, error, image (uint8 [h, w, 3] already at ``Segmenter.input_shape(height, width)``)}.
+    Out: the same columns without ``image``, plus ``labels`` (uint8 [height, width] class ids, 255 = none,
+    or uint16 / 65535 for vocabularies over 255 classes; (0, 0) on error), ``scores`` (float32 [K] mean
+    probability per class over its pixels) and ``model_ms`` (this row's share of the batch's model time).
+
+    Error rows pass through untouched. An image the model fails on becomes an error row "model: ..."
+    (the batch is retried image by image to find it), so one bad image never fails a batch.
+    encode_with: when given, the actor also encodes the records (``pipeline.label.records.encode_batch``) and
+    returns a records table instead, with no separate encode stage.
+    """
+
+    def __init__(self, settings: SegmenterSettings, *, encode_with: Provenance | None = None):
+        self.segmenter = settings.load()
+        self.vocabulary = settings.vocabulary
+        self.dtype = np.uint8 if label_bits(len(self.vocabulary)) == 8 else np.uint16
+        self.encode_with = encode_with
+
+    def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
+        """Predictions, or an exception per image that failed on its own."""
+        try:
+            return self.segmenter.predict(images, output_sizes=sizes)
+        except Exception:
+            if len(images) == 1:
+                raise
+        results: list[Any] = []
+        for image, size in zip(images, sizes):
+            try:
+                [prediction] = self.segmenter.predict([image], output_sizes=[size])
+                results.append(prediction)
+            except Exception as e:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                results.append(e)
+        return results
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | Any:
+        n = len(batch["image_id"])
+        out = {k: np.asarray(v) for k, v in batch.items() if k != "image"}
+        status = [str(s) for s in batch["status"]]
+        errors = [None if status[i] == "ok" else batch["error"][i] for i in range(n)]
+        ok = [i for i in range(n) if status[i] == "ok"]
+        num_classes = len(self.vocabulary)
+        labels = [np.zeros((0, 0), dtype=self.dtype)] * n
+        scores = np.zeros((n, num_classes), dtype=np.float32)
+        model_ms = np.zeros(n, dtype=np.float64)
+
+        for i in ok:
+            problem = _image_problem(batch["image"][i])
+            if problem:
+                status[i], errors[i] = "error", f"model: {problem}"
+        ok = [i for i in ok if status[i] == "ok"]
+
+        start = time.perf_counter()
+        images = [batch["image"][i] for i in ok]
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
+        try:
+            results = self._predict(images, sizes) if ok else []
+        except Exception as e:  # a batch of one that failed
+            results = [e]
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        done = [i for i, r in zip(ok, results) if not isinstance(r, BaseException)]
+        for i, result in zip(ok, results):
+            if isinstance(result, BaseException):
+                status[i] = "error"
+                errors[i] = f"model: {type(result).__name__}: {result}"
+                continue
+            labels[i] = to_storage(result.label_map, num_classes)
+            scores[i] = result.scores
+            model_ms[i] = elapsed_ms / max(1, len(done))
+
+        out["status"] = np.array(status, dtype=object)
+        out["error"] = np.array(errors, dtype=object)
+        out["labels"] = object_column(labels)
+        out["scores"] = scores
+        out["model_ms"] = model_ms
+        if self.encode_with is not None:
+            return encode_batch(out, names=self.vocabulary.names, provenance=self.encode_with)
+        return out

@@ -1,0 +1,114 @@
+"""The layout of a labelling output, shared by its writers (``pipeline.label``) and readers (query, export).
+
+    OUT/images/<shard_id>.parquet     every record of one input shard, ``IMAGES_SCHEMA``
+    OUT/_manifest/<shard_id>.json     the commit mark of the shard, written after its Parquet file
+    OUT/job.json  OUT/vocabulary.json  OUT/summary.json
+
+``docs/schema.md`` is the reader's guide. Readers use only the files a manifest names: an interrupted run can
+leave a complete Parquet file whose shard was never committed. ``SCHEMA_VERSION`` changes whenever a column
+changes meaning or type and is stored in every Parquet file's key-value metadata under
+``ebseg.schema_version``.
+
+Label maps are PNGs at the original size: 8-bit when the vocabulary has at most 255 classes (255 = no
+class), 16-bit otherwise (65535 = no class), the project's on-disk label convention
+(``ebseg.data.labels``); in memory they are int32 with -1 = no class.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+from pycocotools import mask as mask_utils
+
+from ebseg.data.labels import decode_label
+from pipeline import storage
+
+IMAGES_DIR = "images"
+MANIFEST_DIR = "_manifest"
+JOB_FILE = "job.json"
+VOCABULARY_FILE = "vocabulary.json"
+SUMMARY_FILE = "summary.json"
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"ebseg.schema_version"
+
+SEGMENT_TYPE = pa.struct(
+    [
+        pa.field("class_id", pa.int32(), nullable=False),  # index into the run's vocabulary
+        pa.field("label", pa.string(), nullable=False),  # the class's name in the vocabulary
+        pa.field("area", pa.int64(), nullable=False),  # pixels at the original size
+        pa.field("area_fraction", pa.float32(), nullable=False),  # area / (width * height)
+        pa.field("score", pa.float32(), nullable=False),  # mean class probability over the segment
+        pa.field("bbox", pa.list_(pa.int32()), nullable=False),  # [x, y, w, h], pixels, inclusive extent
+        pa.field("rle", pa.string(), nullable=False),  # COCO compressed RLE counts; size is [height, width]
+    ]
+)
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string()),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("member", pa.string()),  # tar member name, Parquet row index, or file name
+        pa.field("width", pa.int32()),  # original size; null when the image could not be read
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error", pa.string()),  # "<reason>: message"; null when ok
+        pa.field("label_map", pa.binary()),  # PNG, null on error
+        pa.field("segments", pa.list_(SEGMENT_TYPE)),  # classes present, ascending class_id; null on error
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("vocabulary_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("elapsed_ms", pa.float32()),  # decode + this image's share of its model batch + encode
+    ],
+    metadata={METADATA_KEY: str(SCHEMA_VERSION).encode()},
+)
+
+
+def schema_version(metadata: Mapping[bytes, bytes] | None) -> int | None:
+    """The ``SCHEMA_VERSION`` in a Parquet file's key-value metadata (``pq.read_schema(f).metadata``)."""
+    value = (metadata or {}).get(METADATA_KEY)
+    return None if value is None else int(value)
+
+
+def manifest_paths(fs, root: str) -> list[str]:
+    """Paths (on ``fs``) of the manifests under ``root``, sorted: one listing of ``_manifest/``."""
+    directory = storage.join(root, MANIFEST_DIR)
+    fs.invalidate_cache(directory)  # another process (a run, an interrupted run) may have written since
+    try:
+        names = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.endswith(".json"))
+
+
+def committed_shards(fs, root: str) -> set[str]:
+    """Ids of the shards committed under ``root`` (no manifest is read)."""
+    return {path.rsplit("/", 1)[-1][: -len(".json")] for path in manifest_paths(fs, root)}
+
+
+def committed_files(fs, root: str) -> list[str]:
+    """Paths (on ``fs``) of the Parquet files of the committed shards under ``root``, sorted by shard."""
+    files = []
+    for path in manifest_paths(fs, root):
+        manifest = storage.read_json(fs, path)
+        if not isinstance(manifest, Mapping) or not isinstance(manifest.get("file"), str):
+            raise ValueError(f"manifest {storage.full_uri(fs, path)} has no 'file' field")
+        files.append(storage.join(root, manifest["file"]))
+    return files
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    """A record's ``label_map`` PNG -> int32 [H, W] class ids, -1 where no class."""
+    return decode_label(data, name="label_map")
+
+
+def rle_to_mask(counts: str, height: int, width: int) -> np.ndarray:
+    """A segment's ``rle`` -> bool [height, width] mask (pycocotools decode)."""
+    rle = {"size": [int(height), int(width)], "counts": counts.encode("ascii")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools' numpy 2 copy-keyword notice
+        return mask_utils.decode(rle).astype(bool)

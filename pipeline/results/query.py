@@ -1,0 +1,167 @@
+"""Query a labelling output with DuckDB: ``images`` and ``segments`` views over its committed shards.
+
+Only the Parquet files named by ``_manifest/*.json`` are read (``docs/schema.md``: an interrupted run can
+leave a complete file whose shard was never committed). Object stores are read through the fsspec filesystem
+registered on the DuckDB connection, so S3 settings come from the environment (as s3fs reads them) or
+``storage_options``, and no DuckDB extension is downloaded.
+
+    with open_output("s3://bucket/out") as out:
+        out.images_with("cat", min_area_fraction=0.1)
+        out.sql("SELECT label, count(*) FROM segments GROUP BY label")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from ebseg.vocab import Vocabulary
+from pipeline import storage
+from pipeline.layout import (
+    IMAGES_SCHEMA,
+    JOB_FILE,
+    VOCABULARY_FILE,
+    committed_files,
+    decode_label_map,
+    rle_to_mask,
+)
+
+# The light image columns (every column but the two heavy ones), in the table's order.
+LIGHT_COLUMNS = tuple(n for n in IMAGES_SCHEMA.names if n not in ("label_map", "segments"))
+SEGMENT_COLUMNS = ("class_id", "label", "area", "area_fraction", "score", "bbox", "rle")
+_RAW = "_ebseg_images_raw"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class LabelOutput:
+    """A DuckDB connection over one labelling output (use :func:`open_output`).
+
+    Views: ``images`` (one row per image: the light columns of the ``images`` table plus ``num_segments``;
+    ``label_map`` and ``segments`` too when opened with ``heavy=True``) and ``segments`` (one row per image
+    and class present: ``image_id`` and the segment struct's fields). ``con`` is the connection itself.
+    """
+
+    def __init__(self, uri: str, *, storage_options: Mapping[str, Any] | None = None, heavy: bool = False):
+        self.uri = str(uri)
+        fs, root = storage.url_to_fs(self.uri, storage_options)
+        fs.invalidate_cache(root)
+        if not fs.exists(storage.join(root, JOB_FILE)):
+            raise FileNotFoundError(f"{self.uri} is not a labelling output: it has no job.json")
+        self._vocabulary = Vocabulary.from_dict(storage.read_json(fs, storage.join(root, VOCABULARY_FILE)))
+        self.files = [storage.full_uri(fs, p) for p in committed_files(fs, root)]
+        self.con = duckdb.connect()
+        try:
+            if not storage.is_local(fs):
+                self.con.register_filesystem(fs)
+            self._create_views(heavy=heavy)
+        except BaseException:
+            self.con.close()
+            raise
+
+    def _create_views(self, *, heavy: bool) -> None:
+        if self.files:
+            listing = ", ".join(_quote(f) for f in self.files)
+            self.con.execute(f"CREATE VIEW {_RAW} AS SELECT * FROM read_parquet([{listing}])")
+        else:  # no committed shard yet: the same columns, no rows
+            self.con.register(_RAW, IMAGES_SCHEMA.empty_table())
+        columns = [*LIGHT_COLUMNS, *(("label_map", "segments") if heavy else ())]
+        self.con.execute(
+            f"CREATE VIEW images AS SELECT {', '.join(columns)}, "
+            f"coalesce(len(segments), 0) AS num_segments FROM {_RAW}"
+        )
+        fields = ", ".join(f"s.{name} AS {name}" for name in SEGMENT_COLUMNS)
+        self.con.execute(
+            f"CREATE VIEW segments AS SELECT image_id, {fields} "
+            f"FROM (SELECT image_id, unnest(segments) AS s FROM {_RAW} WHERE segments IS NOT NULL)"
+        )
+
+    # ------------------------------------------------------------------------------------------- queries
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self._vocabulary
+
+    def sql(self, query: str, params: list[Any] | None = None) -> pa.Table:
+        """Run ``query`` (over ``images``, ``segments`` or any Parquet file); its rows as an Arrow table."""
+        relation = self.con.sql(query, params=params)
+        return pa.table({}) if relation is None else relation.to_arrow_table()
+
+    def class_id(self, label: str) -> int:
+        """The class id of ``label``; ValueError listing the vocabulary if it has no such class."""
+        names = list(self._vocabulary.names)
+        if label not in names:
+            raise ValueError(f"unknown label {label!r}; the output's vocabulary is {names}")
+        return names.index(label)
+
+    def images_with(self, label: str, *, min_area_fraction: float = 0.0, min_area: int = 0) -> list[str]:
+        """Ids (sorted) of the images in which ``label`` covers at least ``min_area_fraction`` of the pixels
+        and at least ``min_area`` pixels."""
+        rows = self.con.execute(
+            "SELECT DISTINCT image_id FROM segments WHERE class_id = ? AND area_fraction >= ? AND area >= ? "
+            "ORDER BY image_id",
+            [self.class_id(label), float(min_area_fraction), int(min_area)],
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def class_histogram(self) -> list[tuple[str, int, int]]:
+        """``(label, images, pixels)`` for every class present in some image, most pixels first."""
+        rows = self.con.execute(
+            "SELECT label, count(DISTINCT image_id), sum(area) FROM segments GROUP BY label "
+            "ORDER BY 3 DESC, 1"
+        ).fetchall()
+        return [(label, int(images), int(pixels)) for label, images, pixels in rows]
+
+    def _image(self, image_id: str, *columns: str) -> tuple:
+        rows = self.con.execute(
+            f"SELECT status, error, {', '.join(columns)} FROM {_RAW} WHERE image_id = ?", [image_id]
+        ).fetchall()
+        if not rows:
+            raise KeyError(f"no image {image_id!r} in the committed shards of {self.uri}")
+        status, error, *values = rows[0]
+        if status != "ok":
+            raise ValueError(f"image {image_id!r} in {self.uri} has no labels: {error}")
+        return tuple(values)
+
+    def mask(self, image_id: str, label: str) -> np.ndarray:
+        """bool [height, width]: the pixels of ``image_id`` labelled ``label`` (all False if absent)."""
+        class_id = self.class_id(label)
+        height, width = self._image(image_id, "height", "width")
+        rows = self.con.execute(
+            "SELECT rle FROM segments WHERE image_id = ? AND class_id = ?", [image_id, class_id]
+        ).fetchall()
+        if not rows:
+            return np.zeros((height, width), dtype=bool)
+        return rle_to_mask(rows[0][0], height, width)
+
+    def label_map(self, image_id: str) -> np.ndarray:
+        """int32 [height, width] class ids of ``image_id`` (-1 = no class), decoded from its PNG."""
+        (data,) = self._image(image_id, "label_map")
+        return decode_label_map(data)
+
+    # ------------------------------------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> LabelOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_output(
+    uri: str, *, storage_options: Mapping[str, Any] | None = None, heavy: bool = False
+) -> LabelOutput:
+    """Open the labelling output at ``uri`` (a local path or fsspec URI, e.g. ``s3://bucket/out``).
+
+    FileNotFoundError when ``uri`` holds no ``job.json``; an output without committed shards has empty views.
+    """
+    return LabelOutput(uri, storage_options=storage_options, heavy=heavy)

@@ -1,0 +1,145 @@
+"""The model stage on hand-made batches, without Ray: results at the original size, errors as rows."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from ebseg import checkpoint
+from ebseg.build import build_ebseg
+from ebseg.config import get_config
+from ebseg.predictor import Segmenter, resize_image, resized_shape
+from ebseg.vocab import Vocabulary
+from ebseg.zoo import SegmenterSettings
+from pipeline.label.records import Provenance
+from pipeline.label.segment import SegmentImages
+from pipeline.layout import decode_label_map
+
+SHORT_SIDE = 64
+VOCAB = Vocabulary(["person", "coffee cup", "grass", "sky"])
+
+
+def save_tiny(path, *, seed=0, short_side=SHORT_SIDE) -> str:
+    """A tiny-preset checkpoint whose inference scale is ``short_side`` (fast on CPU)."""
+    torch.manual_seed(seed)
+    checkpoint.save(build_ebseg(get_config("tiny").replace(short_side=short_side)), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_ckpt):
+    return SegmentImages(SegmenterSettings(tiny_ckpt, VOCAB, batch_size=2))
+
+
+def decoded_batch(images, *, errors=None):
+    """What DecodeImages hands the model stage: images resized to the model input, original sizes."""
+    n = len(images)
+    column = np.empty(n, dtype=object)
+    heights, widths, statuses, messages = [], [], [], []
+    for i, image in enumerate(images):
+        error = (errors or {}).get(i)
+        if error or image is None:
+            column[i], h, w = np.zeros((0, 0, 3), np.uint8), 0, 0
+        elif image.ndim == 3 and min(image.shape[:2]) > 0:
+            h, w = image.shape[:2]
+            column[i] = resize_image(image, resized_shape(h, w, SHORT_SIDE, 2560))
+        else:  # odd arrays go through as they are
+            column[i], (h, w) = image, image.shape[:2]
+        heights.append(h)
+        widths.append(w)
+        statuses.append("error" if error else "ok")
+        messages.append(error)
+    return {
+        "image_id": np.array([f"img{i}" for i in range(n)], dtype=object),
+        "source_uri": np.array([f"/in/{i}.png" for i in range(n)], dtype=object),
+        "shard_id": np.array(["files-000000-abc"] * n, dtype=object),
+        "member": np.array([None] * n, dtype=object),
+        "shard_size": np.full(n, n),
+        "width": np.array(widths, np.int32),
+        "height": np.array(heights, np.int32),
+        "status": np.array(statuses, dtype=object),
+        "error": np.array(messages, dtype=object),
+        "image": column,
+        "decode_ms": np.ones(n, np.float32),
+    }
+
+
+def test_results_come_at_the_original_size_and_match_the_segmenter(stage, tiny_ckpt, photos):
+    batch = decoded_batch([photos[0], None, photos[2]], errors={1: "decode: not an image"})
+    out = stage(batch)
+    assert "image" not in out and list(out["status"]) == ["ok", "error", "ok"]
+    assert out["error"][1] == "decode: not an image"  # error rows pass through untouched
+    assert out["labels"][1].shape == (0, 0) and out["model_ms"][1] == 0
+    assert out["scores"].shape == (3, len(VOCAB)) and out["scores"].dtype == np.float32
+    assert np.array_equal(out["decode_ms"], batch["decode_ms"])
+
+    # The same result as the Segmenter given the original images, at their own size.
+    reference = Segmenter(checkpoint.load(tiny_ckpt), VOCAB)
+    for i in (0, 2):
+        assert out["labels"][i].dtype == np.uint8 and out["labels"][i].shape == photos[i].shape[:2]
+        assert out["model_ms"][i] > 0
+        [expected] = reference.predict([photos[i]])
+        assert np.array_equal(out["labels"][i], expected.label_map)
+        assert np.allclose(out["scores"][i], expected.scores, atol=1e-5)
+
+
+def test_odd_images_become_model_error_rows(stage, photos):
+    gray = photos[2][:, :, 0]  # 2-D: not an (H, W, 3) image
+    out = stage(decoded_batch([gray, photos[1], np.zeros((0, 4, 3), np.uint8)]))
+    assert list(out["status"]) == ["error", "ok", "error"]
+    assert out["error"][0].startswith("model: expected an (H, W, 3) uint8 image")
+    assert out["error"][2].startswith("model: ")
+    assert out["labels"][1].shape == photos[1].shape[:2]
+
+
+def test_a_failure_inside_the_model_fails_only_its_image(stage, photos, monkeypatch):
+    real = stage.segmenter.predict
+    bad_width = resized_shape(*photos[1].shape[:2], SHORT_SIDE, 2560)[1]
+
+    def predict(images, **kwargs):
+        if any(im.shape[1] == bad_width for im in images):
+            raise RuntimeError("odd size")
+        return real(images, **kwargs)
+
+    monkeypatch.setattr(stage.segmenter, "predict", predict)
+    out = stage(decoded_batch([photos[0], photos[1], photos[2]]))
+    assert list(out["status"]) == ["ok", "error", "ok"]
+    assert out["error"][1] == "model: RuntimeError: odd size"
+    assert out["labels"][0].shape == photos[0].shape[:2] and out["labels"][2].shape == photos[2].shape[:2]
+
+
+def test_encode_in_actor_returns_records(tiny_ckpt, photos):
+    provenance = Provenance("m", VOCAB.id, "run-1")
+    stage = SegmentImages(SegmenterSettings(tiny_ckpt, VOCAB), encode_with=provenance)
+    table = stage(decoded_batch([photos[1], None], errors={1: "read: gone"}))
+    assert isinstance(table, pa.Table) and table.num_rows == 2
+    row, bad = table.to_pylist()
+    assert row["status"] == "ok" and row["run_id"] == "run-1" and row["vocabulary_id"] == VOCAB.id
+    assert decode_label_map(row["label_map"]).shape == photos[1].shape[:2]
+    assert bad["error"] == "read: gone" and bad["label_map"] is None
+
+
+def test_large_vocabularies_give_16_bit_labels(tiny_ckpt, photos):
+    vocabulary = Vocabulary([f"class {i}" for i in range(256)])
+    stage = SegmentImages(SegmenterSettings(tiny_ckpt, vocabulary, batch_size=1))
+    out = stage(decoded_batch([photos[2]]))
+    assert out["labels"][0].dtype == np.uint16 and out["labels"][0].max() < 256
+    assert out["scores"].shape == (1, 256)
+
+
+def test_random_presets_are_the_same_in_every_actor():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # actors load silently: the driver said "random weights" once
+        a = SegmentImages(SegmenterSettings("tiny", VOCAB)).segmenter.model.state_dict()
+        torch.manual_seed(123)  # whatever the process's RNG state was
+        b = SegmentImages(SegmenterSettings("tiny", VOCAB)).segmenter.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
