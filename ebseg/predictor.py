@@ -124,6 +124,13 @@ class Segmenter:
             return height, width
         return resized_shape(height, width, self.short_side, self.max_long_side)
 
+    def padded_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The padded (h, w) the model runs an original of ``height`` x ``width`` at: images of equal padded
+        shape share a forward pass (``predict``), and an image's result does not depend on its neighbours."""
+        h, w = self.input_shape(height, width)
+        div = self.model.config.size_divisibility
+        return math.ceil(h / div) * div, math.ceil(w / div) * div
+
     def _prepare(self, image: np.ndarray, original: tuple[int, int]) -> torch.Tensor:
         """(H, W, 3) uint8 -> [3, h, w] uint8 tensor at the model input size of an ``original``-sized image.
 
@@ -153,11 +160,9 @@ class Segmenter:
             raise ValueError(f"{len(output_sizes)} output sizes for {len(images)} images")
         output_sizes = [(int(h), int(w)) for h, w in output_sizes]
         prepared = [self._prepare(im, size) for im, size in zip(images, output_sizes)]
-        div = self.model.config.size_divisibility
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, t in enumerate(prepared):
-            padded = (math.ceil(t.shape[1] / div) * div, math.ceil(t.shape[2] / div) * div)
-            groups.setdefault(padded, []).append(i)
+        for i, size in enumerate(output_sizes):
+            groups.setdefault(self.padded_shape(*size), []).append(i)
 
         text = self.class_embeddings()
         results: list[Prediction | None] = [None] * len(images)

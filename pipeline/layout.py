@@ -1,13 +1,20 @@
 """The layout of a labelling output, shared by its writers (``pipeline.label``) and readers (query, export).
 
-    OUT/images/<shard_id>.parquet     every record of one input shard, ``IMAGES_SCHEMA``
-    OUT/_manifest/<shard_id>.json     the commit mark of the shard, written after its Parquet file
+Schema version 2 (written now)::
+
+    OUT/images/<shard_id>/<part>.parquet   part files of one input shard, written by the workers
+    OUT/_manifest/<shard_id>.json          the commit mark of the shard: lists its part files (``files``)
     OUT/job.json  OUT/vocabulary.json  OUT/summary.json
 
-``docs/schema.md`` is the reader's guide. Readers use only the files a manifest names: an interrupted run can
-leave a complete Parquet file whose shard was never committed. ``SCHEMA_VERSION`` changes whenever a column
-changes meaning or type and is stored in every Parquet file's key-value metadata under
-``ebseg.schema_version``.
+Schema version 1 (still read)::
+
+    OUT/images/<shard_id>.parquet          every record of one input shard
+    OUT/_manifest/<shard_id>.json          names that one file (``file``)
+
+``docs/schema.md`` is the reader's guide. Readers use only the files a manifest names: a retried task or an
+interrupted run can leave complete part files that no manifest lists (orphans, deleted by the next run).
+``SCHEMA_VERSION`` changes whenever a column or the layout changes and is stored in every Parquet file's
+key-value metadata under ``ebseg.schema_version``.
 
 Label maps are PNGs at the original size: 8-bit when the vocabulary has at most 255 classes (255 = no
 class), 16-bit otherwise (65535 = no class), the project's on-disk label convention
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +40,7 @@ JOB_FILE = "job.json"
 VOCABULARY_FILE = "vocabulary.json"
 SUMMARY_FILE = "summary.json"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 METADATA_KEY = b"ebseg.schema_version"
 
 SEGMENT_TYPE = pa.struct(
@@ -90,14 +98,24 @@ def committed_shards(fs, root: str) -> set[str]:
     return {path.rsplit("/", 1)[-1][: -len(".json")] for path in manifest_paths(fs, root)}
 
 
+def manifest_files(manifest: Mapping[str, Any], *, where: str = "manifest") -> list[str]:
+    """The data files (relative to the output root) a manifest commits: ``files`` (v2) or ``file`` (v1)."""
+    if isinstance(manifest, Mapping) and isinstance(manifest.get("files"), list):
+        names = [f.get("file") if isinstance(f, Mapping) else None for f in manifest["files"]]
+        if all(isinstance(n, str) for n in names):
+            return names
+    elif isinstance(manifest, Mapping) and isinstance(manifest.get("file"), str):
+        return [manifest["file"]]
+    raise ValueError(f"{where} names no data file ('files' list of {{'file': ...}}, or 'file')")
+
+
 def committed_files(fs, root: str) -> list[str]:
     """Paths (on ``fs``) of the Parquet files of the committed shards under ``root``, sorted by shard."""
     files = []
     for path in manifest_paths(fs, root):
         manifest = storage.read_json(fs, path)
-        if not isinstance(manifest, Mapping) or not isinstance(manifest.get("file"), str):
-            raise ValueError(f"manifest {storage.full_uri(fs, path)} has no 'file' field")
-        files.append(storage.join(root, manifest["file"]))
+        names = manifest_files(manifest, where=f"manifest {storage.full_uri(fs, path)}")
+        files.extend(storage.join(root, name) for name in names)
     return files
 
 

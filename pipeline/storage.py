@@ -69,3 +69,39 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> N
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists; True when this call created it (all at once).
+
+    Locally: a temporary file hard-linked to ``path`` (``os.link`` fails if the target exists, atomically).
+    On S3: one PUT with ``If-None-Match: *`` (the store refuses it when the key exists). Elsewhere: an
+    existence check then a write, which is exclusive only against writers that are not concurrent.
+    """
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "s3" in protocols:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True

@@ -31,6 +31,9 @@ class LabelJob(JobModel):
     )
     model: Text = Field("demo", description="demo | tiny (random weights) | base | large | checkpoint path")
     batch_size: PosInt = Field(4, description="images per model batch")
+    rows_per_block: PosInt = Field(
+        128, description="images per Ray Data block (the driver's per-block cost is spread over them)"
+    )
     actors: Actors = Field(1, description="model actors: a count, or MIN-MAX for an autoscaling pool")
     gpus_per_actor: NonNegFloat = Field(
         0.0, description="GPUs per model actor (fractions share a GPU; 0 runs on CPU)"

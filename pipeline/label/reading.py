@@ -27,13 +27,16 @@ READ_CHUNK = 32
 PARQUET_BATCH_ROWS = 64
 
 
-def _row(shard: Shard, size: int, source_uri: str, member: str | None, data, error) -> dict[str, Any]:
+def _row(
+    shard: Shard, size: int, index: int, source_uri: str, member: str | None, data, error
+) -> dict[str, Any]:
     return {
         "image_id": image_id(source_uri, member),
         "source_uri": source_uri,
         "member": member,
         "shard_id": shard.shard_id,
         "shard_size": size,
+        "row_index": index,
         "data": data,
         "error": error,
     }
@@ -50,7 +53,8 @@ def read_shard(
 
     Row: ``image_id`` str (see ``image_id``), ``source_uri`` str (the file, tar or Parquet file),
     ``member`` str | None (None for image files, the tar member name, or the Parquet row index),
-    ``shard_id`` str, ``shard_size`` int (rows this shard yields), ``data`` bytes | None,
+    ``shard_id`` str, ``shard_size`` int (rows this shard yields), ``row_index`` int (0 .. shard_size - 1,
+    each once: how the commit knows a shard is whole), ``data`` bytes | None,
     ``error`` str | None ("read: ..." when the bytes could not be read, "empty: ..." for a null cell).
     A tar or Parquet file that cannot be opened at all yields one error row with ``member`` None; a tar
     cut short yields its images before the damage and one such row for the rest. A tar without image
@@ -75,11 +79,11 @@ def _read_files(shard: Shard, storage_options) -> Iterator[dict[str, Any]]:
         # cat_ranges runs the requests concurrently on async stores and, unlike cat, never glob-expands
         # names with "[" or "*" in them.
         contents = fs.cat_ranges(paths, None, None, on_error="return")
-        for uri, data in zip(uris, contents, strict=True):
+        for index, (uri, data) in enumerate(zip(uris, contents, strict=True), start):
             if isinstance(data, BaseException):
-                yield _row(shard, size, uri, None, None, _reason(data))
+                yield _row(shard, size, index, uri, None, None, _reason(data))
             else:
-                yield _row(shard, size, uri, None, bytes(data), None)
+                yield _row(shard, size, index, uri, None, bytes(data), None)
 
 
 @contextlib.contextmanager
@@ -109,7 +113,7 @@ def _read_tar(shard: Shard, storage_options) -> Iterator[dict[str, Any]]:
             local = stack.enter_context(_local_copy(fs, path))
             tar = stack.enter_context(tarfile.open(local, mode="r:*"))
         except (tarfile.TarError, OSError, EOFError) as exc:  # missing, not a tar, no access
-            yield _row(shard, 1, uri, None, None, _reason(exc))
+            yield _row(shard, 1, 0, uri, None, None, _reason(exc))
             return
         members, scan_error = [], None
         try:
@@ -120,16 +124,16 @@ def _read_tar(shard: Shard, storage_options) -> Iterator[dict[str, Any]]:
         except (tarfile.TarError, OSError, EOFError) as exc:
             scan_error = exc  # a truncated tar: keep the members before the damage
         size = len(members) + (scan_error is not None)
-        for info in members:
+        for index, info in enumerate(members):
             try:
                 f = tar.extractfile(info)
                 data = f.read() if f is not None else b""
-                yield _row(shard, size, uri, info.name, data, None)
+                yield _row(shard, size, index, uri, info.name, data, None)
             except (tarfile.TarError, OSError, EOFError) as exc:
-                yield _row(shard, size, uri, info.name, None, _reason(exc))
+                yield _row(shard, size, index, uri, info.name, None, _reason(exc))
         if scan_error is not None:
             reason = f"tar unreadable after {len(members)} images: {type(scan_error).__name__}: {scan_error}"
-            yield _row(shard, size, uri, None, None, f"read: {reason}")
+            yield _row(shard, size, len(members), uri, None, None, f"read: {reason}")
 
 
 def _image_bytes(column: pa.Array) -> list[bytes | None]:
@@ -144,7 +148,7 @@ def _read_parquet(shard: Shard, storage_options, image_column: str) -> Iterator[
     try:
         f = fs.open(path, "rb")
     except Exception as exc:
-        yield _row(shard, 1, uri, None, None, _reason(exc))
+        yield _row(shard, 1, 0, uri, None, None, _reason(exc))
         return
     with f:
         try:
@@ -152,7 +156,7 @@ def _read_parquet(shard: Shard, storage_options, image_column: str) -> Iterator[
             size = parquet.metadata.num_rows
             problem = image_column_problem(parquet.schema_arrow, image_column)
         except Exception as exc:
-            yield _row(shard, 1, uri, None, None, _reason(exc))
+            yield _row(shard, 1, 0, uri, None, None, _reason(exc))
             return
         index = 0
         if problem is None:
@@ -160,12 +164,12 @@ def _read_parquet(shard: Shard, storage_options, image_column: str) -> Iterator[
                 for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_column]):
                     for data in _image_bytes(batch.column(0)):
                         error = f"empty: null in column {image_column!r}" if data is None else None
-                        yield _row(shard, size, uri, str(index), data, error)
+                        yield _row(shard, size, index, uri, str(index), data, error)
                         index += 1
             except Exception as exc:
                 problem = f"{type(exc).__name__}: {exc}"  # damaged row group: the rest become errors
         for rest in range(index, size):
-            yield _row(shard, size, uri, str(rest), None, f"read: {problem}")
+            yield _row(shard, size, rest, uri, str(rest), None, f"read: {problem}")
 
 
 class ReadShard:

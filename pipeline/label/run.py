@@ -3,10 +3,14 @@
 One streaming Ray Data graph per run::
 
     shards (driver) -> ReadShard (flat_map tasks) -> DecodeImages (CPU tasks)
-        -> SegmentImages (actor pool, GPU when gpus_per_actor > 0) -> encode_batch (CPU tasks)
-        -> ShardSink (driver: one Parquet file + manifest per input shard)
+        -> SegmentImages (actor pool, GPU when gpus_per_actor > 0) -> PartWriter (CPU tasks: encode, write)
+        -> part metadata rows -> ShardCommitter (driver: one manifest per complete input shard)
 
-``run(job)`` writes under ``job.output``: ``images/<shard_id>.parquet``, ``_manifest/<shard_id>.json``,
+The driver schedules; workers read, compute and write. Record bytes go from the workers to storage; the
+driver receives one small row per part file. Blocks hold ``rows_per_block`` images, so Ray Data's cost per
+block on the driver is spread over many images; the model stage cuts them into its own batches.
+
+``run(job)`` writes under ``job.output``: ``images/<shard_id>/<part>.parquet``, ``_manifest/<shard_id>.json``,
 ``job.json``, ``vocabulary.json`` and ``summary.json`` (see ``docs/schema.md``). Committed shards (those with
 a manifest) are skipped by a rerun; a rerun with another model, vocabulary or input into the same output is
 refused (``OutputMismatchError``, see ``pipeline.label.plan``).
@@ -15,6 +19,7 @@ refused (``OutputMismatchError``, see ``pipeline.label.plan``).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,14 +32,15 @@ from ray.util.annotations import RayDeprecationWarning
 
 from pipeline import storage
 from pipeline.cluster import ensure_ray
-from pipeline.label.commit import ShardSink, SinkReport
+from pipeline.label.commit import CommitReport, ShardCommitter, clean_after_interruption
 from pipeline.label.decode import DecodeImages
 from pipeline.label.job import LabelJob
 from pipeline.label.listing import Shard, list_shards
+from pipeline.label.parts import PartWriter
 from pipeline.label.plan import LabelPlan, claim_output, job_record, make_plan
 from pipeline.label.progress import Progress
 from pipeline.label.reading import ReadShard
-from pipeline.label.records import Provenance, encode_batch
+from pipeline.label.records import Provenance
 from pipeline.label.segment import SegmentImages
 from pipeline.layout import SUMMARY_FILE, committed_shards
 
@@ -45,6 +51,14 @@ class IncompleteRunError(RuntimeError):
     """Some shards did not receive all their rows; they were not committed, and a rerun redoes them."""
 
 
+def block_rows(job: LabelJob, shards: Sequence[Shard]) -> int:
+    """Rows per block: ``job.rows_per_block``, fewer when the wave is too small to give every actor a
+    block (tar and Parquet shards count as one block each, their size being unknown before reading)."""
+    estimate = sum(len(s.uris) if s.kind == "files" else job.rows_per_block for s in shards)
+    per_actor = math.ceil(estimate / job.actor_range[1])
+    return max(1, min(job.rows_per_block, max(per_actor, job.batch_size)))
+
+
 def build_label_dataset(
     job: LabelJob,
     shards: Sequence[Shard],
@@ -52,17 +66,21 @@ def build_label_dataset(
     plan: LabelPlan | None = None,
     model_stage_cls: type[SegmentImages] = SegmentImages,
 ) -> ray.data.Dataset:
-    """The lazy record dataset of ``shards``: rows are ``IMAGES_SCHEMA`` records plus the sink's ``_``
-    columns (``_shard_size``, ``_decode_ms``, ``_model_ms``, ``_encode_ms``). Nothing runs until consumed."""
+    """The lazy dataset of ``shards``: rows are part metadata (``pipeline.label.parts.PART_SCHEMA``), one
+    per part file the workers wrote under ``job.output``. Nothing runs until consumed."""
     plan = plan or make_plan(job)
     provenance = Provenance(plan.model.model_id, plan.vocabulary.id, plan.run_id)
+    writer = PartWriter(
+        job.output, names=plan.vocabulary.names, provenance=provenance, storage_options=job.storage_options
+    )
+    rows = block_rows(job, shards)
     ds = ray.data.from_items([s.to_row() for s in shards], override_num_blocks=max(1, len(shards)))
     ds = ds.flat_map(ReadShard(storage_options=job.storage_options, image_column=job.image_column))
     decode = DecodeImages(plan.model.short_side, plan.model.max_long_side, job.max_pixels)
-    ds = ds.map_batches(decode, batch_size=job.batch_size, batch_format="numpy")
-    # One model batch per block: the actor pool hands out whole blocks, and a block of many images (a
-    # task's outputs are merged up to 128 MiB) would keep every actor but one idle. Fused with decode.
-    ds = ds.repartition(target_num_rows_per_block=job.batch_size)
+    ds = ds.map_batches(decode, batch_size=rows, batch_format="numpy")
+    # The actor pool hands out whole blocks: blocks of `rows` images (fused with decode) amortise the
+    # driver's per-block cost, and block_rows keeps enough of them for every actor on a small input.
+    ds = ds.repartition(target_num_rows_per_block=rows)
     lo, hi = job.actor_range
     pool = ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
     with warnings.catch_warnings():
@@ -70,10 +88,10 @@ def build_label_dataset(
         warnings.simplefilter("ignore", RayDeprecationWarning)
         ds = ds.map_batches(
             model_stage_cls,
-            batch_size=job.batch_size,
+            batch_size=rows,
             batch_format="numpy",
             fn_constructor_args=(plan.segmenter_settings(job),),
-            fn_constructor_kwargs={"encode_with": provenance if job.encode_in_actor else None},
+            fn_constructor_kwargs={"write_with": writer if job.encode_in_actor else None},
             compute=pool,
             num_cpus=job.cpus_per_actor,
             num_gpus=job.gpus_per_actor or None,
@@ -83,11 +101,7 @@ def build_label_dataset(
             max_task_retries=job.max_restarts,
         )
     if not job.encode_in_actor:
-        ds = ds.map_batches(
-            encode_batch,
-            batch_format="numpy",
-            fn_kwargs={"names": plan.vocabulary.names, "provenance": provenance},
-        )
+        ds = ds.map_batches(writer, batch_size=None, batch_format="numpy")
     return ds
 
 
@@ -104,7 +118,12 @@ def _quiet_ray_data(enabled: bool):
 
 
 def _summarize(
-    *, record: Mapping[str, Any], shards: int, skipped: int, report: SinkReport, seconds: Mapping[str, float]
+    *,
+    record: Mapping[str, Any],
+    shards: int,
+    skipped: int,
+    report: CommitReport,
+    seconds: Mapping[str, float],
 ) -> dict[str, Any]:
     manifests = report.manifests
     errors: dict[str, int] = {}
@@ -115,6 +134,8 @@ def _summarize(
     stage = {
         k: round(sum(m["timings_s"][k] for m in manifests), 3) for k in ("decode", "model", "encode", "write")
     }
+    forwards = sum(m["forwards"] for m in manifests)
+    model_images = sum(m["model_images"] for m in manifests)
     return {
         "run_id": record["run_id"],
         "model_id": record["model_id"],
@@ -127,7 +148,12 @@ def _summarize(
         "ok": images - sum(errors.values()),
         "errors": sum(errors.values()),
         "errors_by_reason": dict(sorted(errors.items())),
-        "duplicate_rows_dropped": report.duplicate_rows,
+        "duplicate_parts_dropped": report.duplicate_parts,
+        "orphans_deleted": report.orphans_deleted,
+        "shards_committed_by_another_run": sorted(report.lost_races),
+        "forward_passes": round(forwards, 3),
+        # Mean images per forward pass of the model: how full the accelerator's batches were.
+        "effective_batch_size": round(model_images / forwards, 3) if forwards else None,
         "images_per_s": round(images / seconds["label"], 4) if seconds["label"] > 0 else None,
         "wall_s": {k: round(v, 3) for k, v in seconds.items()},
         "stage_busy_s": stage,
@@ -158,6 +184,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
     record = job_record(job, plan)
     claim_output(fs, root, record, plan, explicit_run_id=job.run_id is not None)
     done = committed_shards(fs, root)
+    orphans = clean_after_interruption(fs, root) if done else 0
     ready = time.monotonic()
     listing = list_shards(
         job.input,
@@ -170,13 +197,9 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
     shards = skipped = 0
     with (
         _quiet_ray_data(job.progress),
-        ShardSink(
-            root,
-            fs=fs,
-            expected_shards=(),
-            manifest_fields=fields,
-            on_commit=lambda manifest: progress.update(shards=1),
-        ) as sink,
+        ShardCommitter(
+            root, fs=fs, manifest_fields=fields, on_commit=lambda manifest: progress.update(shards=1)
+        ) as committer,
     ):
         # Shards are scheduled in waves as the listing streams, so the driver holds at most one wave's
         # member URIs, never a whole bucket's listing; a wave is one streaming Ray Data execution.
@@ -188,11 +211,12 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
             if not todo:
                 continue
             ensure_ray()
-            sink.expect(s.shard_id for s in todo)
+            committer.expect(s.shard_id for s in todo)
             ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=model_stage_cls)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                progress.update(images=sink.add(batch))
-        report = sink.close()
+            for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.update(images=committer.add(parts))
+        report = committer.close()
+    report.orphans_deleted += orphans
     progress.close()
     end = time.monotonic()
     # The listing streams alongside the labelling, so "label" covers both; "setup" is model description,

@@ -3,6 +3,11 @@
 ``SegmentImages`` is a callable class for ``Dataset.map_batches`` on an actor pool: each actor loads the
 model and builds its ``Segmenter`` once (``ebseg.zoo.SegmenterSettings``), then maps numpy batches of decoded
 rows (``pipeline.label.decode``) to prediction rows. It runs without Ray too (call it on a hand-made batch).
+
+A Ray Data block holds many images (``LabelJob.rows_per_block``, so the driver's cost per block is spread
+over them); the stage cuts it into model batches itself: images are grouped by padded input shape
+(``Segmenter.padded_shape``) and each group is cut into batches of ``batch_size``, so photos of mixed
+aspect ratios still run in full batches, and every image's result is the one it gets alone.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 from ebseg.data.labels import label_bits
 from ebseg.zoo import SegmenterSettings
 from pipeline.batches import object_column
-from pipeline.label.records import Provenance, encode_batch, to_storage
+from pipeline.label.parts import PartWriter
+from pipeline.label.records import to_storage
 
 
 def _image_problem(image: Any) -> str | None:
@@ -36,23 +42,38 @@ class SegmentImages:
     status, error, image (uint8 [h, w, 3] already at ``Segmenter.input_shape(height, width)``)}.
     Out: the same columns without ``image``, plus ``labels`` (uint8 [height, width] class ids, 255 = none,
     or uint16 / 65535 for vocabularies over 255 classes; (0, 0) on error), ``scores`` (float32 [K] mean
-    probability per class over its pixels) and ``model_ms`` (this row's share of the batch's model time).
+    probability per class over its pixels), ``model_ms`` (this row's share of its batch's model time) and
+    ``forward_share`` (this row's share of the forward passes its batch took; 0 for rows not run).
 
     Error rows pass through untouched. An image the model fails on becomes an error row "model: ..."
     (the batch is retried image by image to find it), so one bad image never fails a batch.
-    encode_with: when given, the actor also encodes the records (``pipeline.label.records.encode_batch``) and
-    returns a records table instead, with no separate encode stage.
+    write_with: when given, the actor also encodes and writes the records (``PartWriter``) and returns its
+    part metadata instead, with no separate write stage.
     """
 
-    def __init__(self, settings: SegmenterSettings, *, encode_with: Provenance | None = None):
+    def __init__(self, settings: SegmenterSettings, *, write_with: PartWriter | None = None):
         self.segmenter = settings.load()
         self.vocabulary = settings.vocabulary
+        self.batch_size = settings.batch_size
         self.dtype = np.uint8 if label_bits(len(self.vocabulary)) == 8 else np.uint16
-        self.encode_with = encode_with
+        self.write_with = write_with
+        self.forwards = 0  # forward passes run by _predict, counted for the effective batch size
+
+    def batches(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
+        """Indices into ``sizes`` (original (height, width)) cut into model batches: equal padded shape,
+        at most ``batch_size`` each, the fullest first."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(self.segmenter.padded_shape(*size), []).append(i)
+        out = []
+        for indices in groups.values():
+            out.extend(indices[s : s + self.batch_size] for s in range(0, len(indices), self.batch_size))
+        return sorted(out, key=len, reverse=True)
 
     def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
         """Predictions, or an exception per image that failed on its own."""
         try:
+            self.forwards += 1
             return self.segmenter.predict(images, output_sizes=sizes)
         except Exception:
             if len(images) == 1:
@@ -60,6 +81,7 @@ class SegmentImages:
         results: list[Any] = []
         for image, size in zip(images, sizes):
             try:
+                self.forwards += 1
                 [prediction] = self.segmenter.predict([image], output_sizes=[size])
                 results.append(prediction)
             except Exception as e:
@@ -78,6 +100,7 @@ class SegmentImages:
         labels = [np.zeros((0, 0), dtype=self.dtype)] * n
         scores = np.zeros((n, num_classes), dtype=np.float32)
         model_ms = np.zeros(n, dtype=np.float64)
+        forward_share = np.zeros(n, dtype=np.float64)
 
         for i in ok:
             problem = _image_problem(batch["image"][i])
@@ -85,29 +108,32 @@ class SegmentImages:
                 status[i], errors[i] = "error", f"model: {problem}"
         ok = [i for i in ok if status[i] == "ok"]
 
-        start = time.perf_counter()
-        images = [batch["image"][i] for i in ok]
         sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
-        try:
-            results = self._predict(images, sizes) if ok else []
-        except Exception as e:  # a batch of one that failed
-            results = [e]
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        done = [i for i, r in zip(ok, results) if not isinstance(r, BaseException)]
-        for i, result in zip(ok, results):
-            if isinstance(result, BaseException):
-                status[i] = "error"
-                errors[i] = f"model: {type(result).__name__}: {result}"
-                continue
-            labels[i] = to_storage(result.label_map, num_classes)
-            scores[i] = result.scores
-            model_ms[i] = elapsed_ms / max(1, len(done))
+        for members in self.batches(sizes):
+            rows = [ok[j] for j in members]
+            start, forwards = time.perf_counter(), self.forwards
+            try:
+                results = self._predict([batch["image"][i] for i in rows], [sizes[j] for j in members])
+            except Exception as e:  # a batch of one that failed
+                results = [e]
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            done = [i for i, r in zip(rows, results) if not isinstance(r, BaseException)]
+            for i, result in zip(rows, results):
+                forward_share[i] = (self.forwards - forwards) / len(rows)
+                if isinstance(result, BaseException):
+                    status[i] = "error"
+                    errors[i] = f"model: {type(result).__name__}: {result}"
+                    continue
+                labels[i] = to_storage(result.label_map, num_classes)
+                scores[i] = result.scores
+                model_ms[i] = elapsed_ms / max(1, len(done))
 
         out["status"] = np.array(status, dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["labels"] = object_column(labels)
         out["scores"] = scores
         out["model_ms"] = model_ms
-        if self.encode_with is not None:
-            return encode_batch(out, names=self.vocabulary.names, provenance=self.encode_with)
+        out["forward_share"] = forward_share
+        if self.write_with is not None:
+            return self.write_with(out)
         return out

@@ -21,8 +21,9 @@ from PIL import Image
 from pipeline import layout, storage
 from pipeline.label import records
 from pipeline.label import run as label_run
-from pipeline.label.commit import ShardSink, reason
+from pipeline.label.commit import ShardCommitter, clean_after_interruption
 from pipeline.label.job import LabelJob
+from pipeline.label.parts import PART_SCHEMA, PartWriter, reason
 from pipeline.label.progress import Progress
 from pipeline.label.records import Provenance
 from pipeline.label.run import run
@@ -62,8 +63,12 @@ def output_fs(uri: str):
 
 
 def read_images(uri: str) -> pa.Table:
+    """The committed records: only the part files a manifest lists (orphans are never read)."""
     fs, path = output_fs(uri)
-    return pads.dataset(storage.join(path, "images"), filesystem=fs, format="parquet").to_table()
+    files = layout.committed_files(fs, path)
+    if not files:
+        return IMAGES_SCHEMA.empty_table()
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table()
 
 
 def check_output(uri: str, expected_sources: dict[str, tuple[int, int]], *, status=None) -> pa.Table:
@@ -97,42 +102,53 @@ def check_manifests(uri: str, table: pa.Table) -> list[dict]:
     manifests = []
     for shard in sorted(committed):
         manifest = storage.read_json(fs, storage.join(path, "_manifest", f"{shard}.json"))
-        data = fs.cat_file(storage.join(path, manifest["file"]))
-        assert manifest["sha256"] == hashlib.sha256(data).hexdigest() and manifest["bytes"] == len(data)
-        parquet = pq.ParquetFile(io.BytesIO(data))
-        assert layout.schema_version(parquet.schema_arrow.metadata) == SCHEMA_VERSION
-        assert parquet.metadata.num_rows == manifest["rows"]
+        assert manifest["schema_version"] == SCHEMA_VERSION
+        for part in manifest["files"]:
+            assert part["file"].startswith(f"images/{shard}/")
+            data = fs.cat_file(storage.join(path, part["file"]))
+            assert part["sha256"] == hashlib.sha256(data).hexdigest() and part["bytes"] == len(data)
+            parquet = pq.ParquetFile(io.BytesIO(data))
+            assert layout.schema_version(parquet.schema_arrow.metadata) == SCHEMA_VERSION
+            assert parquet.metadata.num_rows == part["rows"]
+        assert sum(p["rows"] for p in manifest["files"]) == manifest["rows"]
+        # No orphan is left beside the listed parts.
+        on_disk = fs.ls(storage.join(path, "images", shard), detail=False) if manifest["files"] else []
+        assert sorted(on_disk) == sorted(storage.join(path, p["file"]) for p in manifest["files"])
         manifests.append(manifest)
     return manifests
 
 
-# ---------------------------------------------------------------------------------------------- sink (no Ray)
+# -------------------------------------------------------------------------------------------- commit (no Ray)
 
 
-def record_rows(shard: str, ids: list[str], size: int, *, status="ok") -> list[dict]:
+def model_rows(shard: str, indices: list[int], size: int, *, status="ok") -> dict[str, np.ndarray]:
+    """A model-stage batch (what ``SegmentImages`` returns) of rows ``indices`` of ``shard``."""
     labels = records.to_storage(np.zeros((3, 4), np.int32), 2)
-    out = []
-    for i in ids:
-        row = {
-            "image_id": i,
-            "source_uri": f"/in/{i}.png",
-            "shard_id": shard,
-            "member": None,
-            "shard_size": size,
-            "width": 4,
-            "height": 3,
-            "status": status,
-            "error": None if status == "ok" else "decode: broken",
-            "labels": labels if status == "ok" else None,
-            "scores": np.ones(2, np.float32),
-            "model_ms": 5.0,
-        }
-        out.append(records.record(row, names=["a", "b"], provenance=Provenance("m", "v", "r")))
-    return out
+    n = len(indices)
+    column = np.empty(n, dtype=object)
+    for j in range(n):
+        column[j] = labels if status == "ok" else np.zeros((0, 0), np.uint8)
+    return {
+        "image_id": np.array([f"{shard}-{i}" for i in indices], dtype=object),
+        "source_uri": np.array([f"/in/{shard}/{i}.png" for i in indices], dtype=object),
+        "shard_id": np.array([shard] * n, dtype=object),
+        "member": np.array([None] * n, dtype=object),
+        "shard_size": np.full(n, size),
+        "row_index": np.array(indices, np.int64),
+        "width": np.full(n, 4, np.int32),
+        "height": np.full(n, 3, np.int32),
+        "status": np.array([status] * n, dtype=object),
+        "error": np.array([None if status == "ok" else "decode: broken"] * n, dtype=object),
+        "labels": column,
+        "scores": np.ones((n, 2), np.float32),
+        "decode_ms": np.ones(n),
+        "model_ms": np.full(n, 5.0),
+        "forward_share": np.full(n, 0.5 if status == "ok" else 0.0),
+    }
 
 
-def batch(*rows: list[dict]) -> pa.Table:
-    return records.records_table([r for group in rows for r in group], extra_columns=records.SINK_COLUMNS)
+def concat(*batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -142,50 +158,132 @@ def out_root(request, tmp_path):
     return f"s3://{request.getfixturevalue('s3_server').bucket('sink')}/out"
 
 
-def test_sink_commits_each_shard_once_complete(out_root):
+def writer_for(uri: str) -> PartWriter:
+    return PartWriter(uri, names=["a", "b"], provenance=Provenance("m", "v", "r"))
+
+
+def parts_on_disk(fs, root: str, shard: str) -> list[str]:
+    fs.invalidate_cache()
+    try:
+        return sorted(fs.ls(storage.join(root, "images", shard), detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def test_workers_write_parts_and_the_driver_commits_complete_shards(out_root):
+    write = writer_for(out_root)
     fs, root = storage.url_to_fs(out_root)
     committed = []
-    with ShardSink(
+    with ShardCommitter(
         root,
         fs=fs,
         expected_shards=["s-a", "s-b", "s-empty", "s-short"],
         manifest_fields={"run_id": "r"},
         on_commit=committed.append,
-    ) as sink:
-        assert sink.add(batch(record_rows("s-a", ["a2", "a1"], 3), record_rows("s-b", ["b1"], 2))) == 3
+    ) as committer:
+        first = write(concat(model_rows("s-a", [1, 0], 3), model_rows("s-b", [0], 2)))
+        # One metadata row per part file: no record reaches the driver.
+        assert first.schema.names == [f.name for f in PART_SCHEMA] and first.num_rows == 2
+        assert sorted(first.column("ranges").to_pylist()) == [[0, 1], [0, 2]]
+        assert committer.add(first) == 3
         assert not committed and not fs.exists(storage.join(root, "_manifest"))
-        # A retried task re-sends a1: dropped. a3 completes shard s-a.
-        sink.add(batch(record_rows("s-a", ["a1", "a3"], 3, status="error"), record_rows("s-short", ["x"], 2)))
-        sink.add(batch(record_rows("s-b", ["b2"], 2), record_rows("s-a", ["a3"], 3)))
-        report = sink.close()
+        committer.add(write(concat(model_rows("s-a", [2], 3, status="error"), model_rows("s-short", [0], 2))))
+        committer.add(write(model_rows("s-b", [1], 2)))
+        report = committer.close()
     assert sorted(m["shard_id"] for m in committed) == ["s-a", "s-b", "s-empty"]
-    assert report.incomplete == {"s-short": (1, 2)} and report.duplicate_rows == 2
+    assert report.incomplete == {"s-short": (1, 2)} and report.duplicate_parts == 0
 
     fs, root = output_fs(out_root)
     assert committed_shards(fs, root) == {"s-a", "s-b", "s-empty"}
-    assert not fs.exists(storage.join(root, "images", "s-short.parquet"))
-    a = pq.read_table(io.BytesIO(fs.cat_file(storage.join(root, "images", "s-a.parquet"))))
-    assert a.schema.names == IMAGES_SCHEMA.names and a.column("image_id").to_pylist() == ["a1", "a2", "a3"]
+    table = read_images(out_root)
+    assert table.schema.names == IMAGES_SCHEMA.names
+    assert sorted(table.column("image_id").to_pylist()) == ["s-a-0", "s-a-1", "s-a-2", "s-b-0", "s-b-1"]
     manifest = storage.read_json(fs, storage.join(root, "_manifest", "s-a.json"))
     assert (manifest["rows"], manifest["ok"], manifest["errors"]) == (3, 2, 1)
     assert manifest["errors_by_reason"] == {"decode": 1} and manifest["run_id"] == "r"
-    assert manifest["timings_s"]["model"] == pytest.approx(0.015)
-    empty = pq.read_table(io.BytesIO(fs.cat_file(storage.join(root, "images", "s-empty.parquet"))))
-    assert empty.num_rows == 0 and empty.schema.names == IMAGES_SCHEMA.names
-    # Only the committed files and manifests: no temporary names left behind.
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(storage.join(root, "images"), detail=False)) == [
-        "s-a.parquet",
-        "s-b.parquet",
-        "s-empty.parquet",
-    ]
+    assert manifest["timings_s"]["model"] == pytest.approx(0.015) and len(manifest["files"]) == 2
+    assert (manifest["model_images"], manifest["forwards"]) == (2, 1.0)
+    assert storage.read_json(fs, storage.join(root, "_manifest", "s-empty.json"))["files"] == []
+    # The uncommitted shard's part stays for now (a rerun commits the shard, then deletes it as an orphan);
+    # readers never see it.
+    assert len(parts_on_disk(fs, root, "s-short")) == 1
+    assert "s-short-0" not in table.column("image_id").to_pylist()
 
 
-def test_sink_refuses_rows_of_unscheduled_shards(tmp_path):
+def test_a_retried_task_duplicate_part_is_left_out_and_deleted(out_root):
+    write = writer_for(out_root)
+    fs, root = storage.url_to_fs(out_root)
+    with ShardCommitter(root, fs=fs, expected_shards=["s-a"]) as committer:
+        committer.add(write(model_rows("s-a", [0, 1], 4)))
+        # A retried task wrote rows 0-1 again, and its first attempt's metadata also arrived: both dropped.
+        committer.add(write(model_rows("s-a", [0, 1], 4)))
+        write(model_rows("s-a", [2, 3], 4))  # an attempt that died after writing: its metadata never came
+        committer.add(write(model_rows("s-a", [2, 3], 4)))
+        report = committer.close()
+    assert report.duplicate_parts == 1 and report.orphans_deleted == 2 and not report.incomplete
+    fs, root = output_fs(out_root)
+    manifest = storage.read_json(fs, storage.join(root, "_manifest", "s-a.json"))
+    listed = sorted(storage.join(root, p["file"]) for p in manifest["files"])
+    assert manifest["rows"] == 4 and len(listed) == 2 and set(parts_on_disk(fs, root, "s-a")) == set(listed)
+    # A part written after the commit (a late retry) is an orphan no reader sees.
+    write(model_rows("s-a", [3], 4))
+    on_disk = parts_on_disk(fs, root, "s-a")
+    assert set(listed) <= set(on_disk) and len(on_disk) == 3
+    ids = read_images(out_root).column("image_id").to_pylist()
+    assert sorted(ids) == ["s-a-0", "s-a-1", "s-a-2", "s-a-3"]
+
+
+def test_parts_cut_differently_by_a_retry_are_chosen_to_cover_each_row_once(tmp_path):
+    write = writer_for(str(tmp_path))
     fs, root = storage.url_to_fs(str(tmp_path))
-    with ShardSink(root, fs=fs, expected_shards=["s-a"]) as sink, pytest.raises(ValueError, match="s-zzz"):
-        sink.add(batch(record_rows("s-zzz", ["z"], 1)))
+    with ShardCommitter(root, fs=fs, expected_shards=["s-a"]) as committer:
+        committer.add(write(model_rows("s-a", [0, 1, 2], 5)))
+        committer.add(write(model_rows("s-a", [2, 3], 5)))  # overlaps the first: not chosen yet
+        committer.add(write(model_rows("s-a", [0, 1], 5)))  # overlaps too
+        assert committer.add(write(model_rows("s-a", [4], 5))) >= 1  # {0,1} + {2,3} + {4} covers once
+        report = committer.close()
+    assert not report.incomplete and report.duplicate_parts == 1
+    ids = read_images(str(tmp_path)).column("image_id").to_pylist()
+    assert sorted(ids) == [f"s-a-{i}" for i in range(5)]
+
+
+def test_a_shard_committed_by_another_run_is_not_committed_again(tmp_path):
+    write = writer_for(str(tmp_path))
+    fs, root = storage.url_to_fs(str(tmp_path))
+    with ShardCommitter(root, fs=fs, expected_shards=["s-a"], manifest_fields={"run_id": "one"}) as first:
+        first.add(write(model_rows("s-a", [0, 1], 2)))
+        first.close()
+    with ShardCommitter(root, fs=fs, expected_shards=["s-a"], manifest_fields={"run_id": "two"}) as second:
+        second.add(write(model_rows("s-a", [0, 1], 2)))  # a second, concurrent run of the same job
+        report = second.close()
+    assert report.lost_races == ["s-a"] and not report.manifests and report.orphans_deleted == 1
+    assert storage.read_json(fs, storage.join(root, "_manifest", "s-a.json"))["run_id"] == "one"
+    assert len(read_images(str(tmp_path))) == 2 and len(parts_on_disk(fs, root, "s-a")) == 1
+
+
+def test_orphans_of_an_interrupted_run_are_deleted_by_the_next(tmp_path):
+    write = writer_for(str(tmp_path))
+    fs, root = storage.url_to_fs(str(tmp_path))
+    with ShardCommitter(root, fs=fs, expected_shards=["s-a"]) as committer:
+        committer.add(write(model_rows("s-a", [0, 1], 2)))
+        committer.close()
+    orphan = write(model_rows("s-a", [0, 1], 2)).column("file")[0].as_py()  # as if the driver died here
+    assert len(parts_on_disk(fs, root, "s-a")) == 2
+    assert clean_after_interruption(fs, root) == 1
+    assert not fs.exists(storage.join(root, orphan)) and len(parts_on_disk(fs, root, "s-a")) == 1
+    # Once a run has finished (summary.json newer than the manifests) nothing is read again.
+    storage.write_json_atomic(fs, storage.join(root, "summary.json"), {})
+    write(model_rows("s-a", [0, 1], 2))
+    assert clean_after_interruption(fs, root) == 0
+
+
+def test_committer_refuses_parts_of_unscheduled_shards(tmp_path):
+    write = writer_for(str(tmp_path))
+    fs, root = storage.url_to_fs(str(tmp_path))
+    with ShardCommitter(root, fs=fs, expected_shards=["s-a"]) as c, pytest.raises(ValueError, match="s-zzz"):
+        c.add(write(model_rows("s-zzz", [0], 1)))
     with pytest.raises(ValueError, match="cannot be a file name"):
-        ShardSink(root, fs=fs, expected_shards=["../escape"])
+        ShardCommitter(root, fs=fs, expected_shards=["../escape"])
 
 
 def test_reason_codes():
@@ -269,7 +367,7 @@ def test_files_to_local_output_then_rerun_skips(ray_local, tiny_ckpt, photos, tm
 
     # DuckDB reads the output as a table, segments unnested.
     con = duckdb.connect()
-    glob = f"{out}/images/*.parquet"
+    glob = f"{out}/images/*/*.parquet"
     assert con.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone() == (5,)
     area = con.execute(f"SELECT sum(s.area) FROM (SELECT unnest(segments) AS s FROM read_parquet('{glob}'))")
     assert area.fetchone()[0] == sum(h * w for h, w in expected.values())
@@ -320,7 +418,7 @@ def test_tar_shards_to_s3_output(ray_local, s3_server, tiny_ckpt, photos):
     con.register_filesystem(s3_server.filesystem())
     rows = con.execute(
         f"SELECT member, s.label, s.area FROM (SELECT member, unnest(segments) AS s "
-        f"FROM read_parquet('{out}/images/*.parquet')) ORDER BY member, s.class_id"
+        f"FROM read_parquet('{out}/images/*/*.parquet')) ORDER BY member, s.class_id"
     ).fetchall()
     assert {r[0] for r in rows} == {member for _, member in expected}
     assert {r[1] for r in rows} <= set(VOCAB.split(","))

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from ebseg.config import get_config
 from ebseg.predictor import Segmenter, resize_image, resized_shape
 from ebseg.vocab import Vocabulary
 from ebseg.zoo import SegmenterSettings
+from pipeline.label.parts import PartWriter
 from pipeline.label.records import Provenance
 from pipeline.label.segment import SegmentImages
 from pipeline.layout import decode_label_map
@@ -64,6 +66,7 @@ def decoded_batch(images, *, errors=None):
         "shard_id": np.array(["files-000000-abc"] * n, dtype=object),
         "member": np.array([None] * n, dtype=object),
         "shard_size": np.full(n, n),
+        "row_index": np.arange(n),
         "width": np.array(widths, np.int32),
         "height": np.array(heights, np.int32),
         "status": np.array(statuses, dtype=object),
@@ -117,15 +120,36 @@ def test_a_failure_inside_the_model_fails_only_its_image(stage, photos, monkeypa
     assert out["labels"][0].shape == photos[0].shape[:2] and out["labels"][2].shape == photos[2].shape[:2]
 
 
-def test_encode_in_actor_returns_records(tiny_ckpt, photos):
-    provenance = Provenance("m", VOCAB.id, "run-1")
-    stage = SegmentImages(SegmenterSettings(tiny_ckpt, VOCAB), encode_with=provenance)
-    table = stage(decoded_batch([photos[1], None], errors={1: "read: gone"}))
-    assert isinstance(table, pa.Table) and table.num_rows == 2
-    row, bad = table.to_pylist()
+def test_encode_in_actor_writes_parts_and_returns_their_metadata(tiny_ckpt, photos, tmp_path):
+    writer = PartWriter(str(tmp_path), names=VOCAB.names, provenance=Provenance("m", VOCAB.id, "run-1"))
+    stage = SegmentImages(SegmenterSettings(tiny_ckpt, VOCAB), write_with=writer)
+    parts = stage(decoded_batch([photos[1], None], errors={1: "read: gone"}))
+    assert isinstance(parts, pa.Table) and parts.num_rows == 1  # one shard in the block: one part file
+    [part] = parts.to_pylist()
+    assert (part["rows"], part["ranges"], part["model_images"], part["forwards"]) == (2, [0, 2], 1, 1.0)
+    row, bad = pq.read_table(tmp_path / part["file"]).to_pylist()
     assert row["status"] == "ok" and row["run_id"] == "run-1" and row["vocabulary_id"] == VOCAB.id
     assert decode_label_map(row["label_map"]).shape == photos[1].shape[:2]
     assert bad["error"] == "read: gone" and bad["label_map"] is None
+
+
+def test_mixed_aspect_ratios_run_in_full_batches_with_one_at_a_time_results(tiny_ckpt, photos):
+    # Real photos cut to three aspect ratios, interleaved as a shard of mixed photos comes.
+    shapes = [(120, 160), (160, 120), (120, 160), (128, 128), (120, 160), (160, 120), (120, 160), (128, 128)]
+    images = [photos[i % len(photos)][:h, :w].copy() for i, (h, w) in enumerate(shapes)]
+    stage = SegmentImages(SegmenterSettings(tiny_ckpt, VOCAB, batch_size=4))
+    batches = stage.batches(shapes)
+    assert sorted(i for b in batches for i in b) == list(range(len(shapes)))
+    assert all(len({stage.segmenter.padded_shape(*shapes[i]) for i in b}) == 1 for b in batches)
+    out = stage(decoded_batch(images))
+    # Three padded shapes (4 + 2 + 2 images): three forward passes, where batches of 4 rows in input order
+    # would have taken six; the shares add up to the passes.
+    assert len(batches) == 3 and out["forward_share"].sum() == pytest.approx(3.0)
+    for i in (0, 1, 3, 6):  # each padded shape, and the last of the full batch
+        one = stage(decoded_batch([images[i]]))  # a block of one image: a forward pass of its own
+        assert one["forward_share"][0] == 1.0
+        assert np.array_equal(out["labels"][i], one["labels"][0])
+        assert np.allclose(out["scores"][i], one["scores"][0], rtol=1e-4, atol=1e-5)
 
 
 def test_large_vocabularies_give_16_bit_labels(tiny_ckpt, photos):
