@@ -89,6 +89,7 @@ def test_prefix_lists_images_in_order_and_reads_them(store, pictures):
     assert {relative(r["source_uri"], root_uri): r["data"] for r in rows} == images
     assert all(r["error"] is None and r["member"] is None for r in rows)
     assert [r["shard_size"] for r in rows] == [2, 2, 2, 2, 1]
+    assert [r["row_index"] for r in rows] == [0, 1, 0, 1, 0]  # each row of a shard once: what commits it
     assert len({r["image_id"] for r in rows}) == len(rows)
     assert all(r["image_id"] == image_id(r["source_uri"], None) for r in rows)
     # Every source_uri names its file again on the same store.
@@ -215,6 +216,7 @@ def test_tar_shards(store, pictures):
     assert all(r["error"].startswith("read: ") and r["data"] is None for r in truncated[1:])
     assert "after 2 images" in truncated[2]["error"]
     assert all(r["shard_size"] == 3 for r in truncated)
+    assert [r["row_index"] for r in truncated] == [0, 1, 2]  # the damage row counts as the last row
 
     [broken] = read_shard(shards[2])
     assert broken["member"] is None and broken["shard_size"] == 1 and broken["error"].startswith("read: ")
@@ -237,7 +239,7 @@ def test_parquet_shards(store, pictures):
     assert [r["member"] for r in rows] == ["0", "1", "2", "3", "4"]
     assert [r["data"] for r in rows] == cells
     assert [r["error"] for r in rows] == [None, "empty: null in column 'img'", None, None, None]
-    assert all(r["shard_size"] == 5 for r in rows)
+    assert all(r["shard_size"] == 5 for r in rows) and [r["row_index"] for r in rows] == list(range(5))
 
     with pytest.raises(ValueError, match=r"no image column 'image' \(columns: id, img\)") as info:
         list(list_shards(root_uri))
@@ -245,6 +247,7 @@ def test_parquet_shards(store, pictures):
     # A later file without the column: rows still appear, each with the reason.
     rows = list(read_shard(shard, image_column="image"))
     assert len(rows) == 5 and all(r["error"].startswith("read: no image column 'image'") for r in rows)
+    assert [r["row_index"] for r in rows] == list(range(5))
 
 
 def test_parquet_struct_column_and_damaged_file(tmp_path, pictures):
