@@ -57,6 +57,11 @@ def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
             + f": {summary['ok']} ok, {summary['errors']} failed"
             + (f" ({errors})" if errors else "")
         )
+        if summary.get("effective_batch_size"):
+            print(
+                f"model: {summary['forward_passes']:g} forward passes, "
+                f"effective batch size {summary['effective_batch_size']:.2f} images per pass"
+            )
         print(
             f"output: {spec.output} ({summary['shards_written']} shards written, "
             f"{summary['shards_skipped']} already done; summary.json)"

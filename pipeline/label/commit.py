@@ -194,7 +194,6 @@ class ShardCommitter:
         self._inflight.add(self._executor.submit(self._write_manifest, shard_id, parts, waited))
 
     def _write_manifest(self, shard_id: str, parts: list[dict[str, Any]], waited: float) -> dict[str, Any]:
-        start = time.monotonic()
         errors: dict[str, int] = {}
         for part in parts:
             for code, count in json.loads(part["errors"]).items():
@@ -226,7 +225,6 @@ class ShardCommitter:
         if not won:  # another run committed this shard first: its manifest decides, ours is dropped
             manifest = storage.read_json(self.fs, path)
         deleted = delete_orphans(self.fs, self.root, shard_id, manifest)
-        manifest["timings_s"]["commit"] = round(time.monotonic() - start, 4)
         return {"manifest": manifest, "won": won, "deleted": deleted}
 
     def _collect(self, *, block: bool) -> None:

@@ -100,6 +100,7 @@ def job_record(job: LabelJob, plan: LabelPlan) -> dict[str, Any]:
         "num_classes": len(plan.vocabulary),
         "run_id": plan.run_id,
         "batch_size": job.batch_size,
+        "rows_per_block": job.rows_per_block,
         "actors": list(job.actors) if isinstance(job.actors, tuple) else job.actors,
         "gpus_per_actor": job.gpus_per_actor,
         "cpus_per_actor": job.cpus_per_actor,

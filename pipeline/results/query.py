@@ -1,7 +1,9 @@
 """Query a labelling output with DuckDB: ``images`` and ``segments`` views over its committed shards.
 
-Only the Parquet files named by ``_manifest/*.json`` are read (``docs/schema.md``: an interrupted run can
-leave a complete file whose shard was never committed). Object stores are read through the fsspec filesystem
+Only the Parquet files named by ``_manifest/*.json`` are read (``docs/schema.md``: a retried task or an
+interrupted run can leave complete part files that no manifest lists), in either layout: schema version 2
+(``files``: the part files of a shard) or 1 (``file``: one file per shard), through
+``pipeline.layout.committed_files``. Object stores are read through the fsspec filesystem
 registered on the DuckDB connection, so S3 settings come from the environment (as s3fs reads them) or
 ``storage_options``, and no DuckDB extension is downloaded.
 
