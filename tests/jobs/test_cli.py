@@ -71,6 +71,7 @@ def test_label_command_labels_the_images_and_prints_a_summary(labelled):
     assert f"labelled {COUNT} images" in result.stdout
     assert f"{COUNT} ok, 0 failed" in result.stdout
     assert f"output: {out}" in result.stdout
+    assert "effective batch size" in result.stdout
     assert "started an embedded local Ray" in result.stderr
     assert "labelling: 1/1 shards" in result.stderr  # the progress line
     summary = json.loads((out / "summary.json").read_text())

@@ -40,7 +40,7 @@ def labelled(ray_local, tmp_path_factory):
     rows = pads.dataset(str(out / "images"), format="parquet").to_table().to_pylist()
     truth = {r["image_id"]: (r, layout.decode_label_map(r["label_map"])) for r in rows}
     # An interrupted run's leftover: a complete Parquet file whose shard has no manifest.
-    first = sorted((out / "images").iterdir())[0]
+    first = sorted((out / "images").rglob("*.parquet"))[0]
     stray = pq.read_table(first)
     ids = pa.array([f"stray-{i}" for i in stray.column("image_id").to_pylist()])
     pq.write_table(stray.set_column(0, "image_id", ids), out / "images" / "files-999999-stray.parquet")
@@ -162,7 +162,7 @@ def test_output_without_committed_shards_has_empty_views(labelled, tmp_path):
     (empty / "images").mkdir(parents=True)
     for name in ("job.json", "vocabulary.json"):
         shutil.copy(out_dir / name, empty / name)
-    shutil.copy(next((out_dir / "images").iterdir()), empty / "images" / "uncommitted.parquet")
+    shutil.copy(next((out_dir / "images").rglob("*.parquet")), empty / "images" / "uncommitted.parquet")
     assert json.loads((empty / "job.json").read_text())["kind"] == "label"
     with open_output(str(empty), heavy=True) as out:
         assert out.files == []

@@ -1,0 +1,282 @@
+"""How many images per second one labelling driver can feed: the real graph with a simulated accelerator.
+
+Usage::
+
+    python benchmarks/pipeline_scale.py --counts 1000,10000 --size 480x640 [--rows-per-block 128] \\
+        [--actors 2] [--actor-ips 400] [--batch-size 8] [--json]
+    python benchmarks/pipeline_scale.py --counts 100 --size 3000x4000 --rows-per-block 64
+
+Writes ``max(--counts)`` JPEG photos (``skimage.data``, resized to --size: 480x640 or 3000x4000 originals)
+to a temporary folder and labels the first N of them with ``pipeline.label.run.run`` (the same code path as
+``ebseg label``: listing, reading, decoding, the actor pool, record encoding, part files, manifests) for each
+N of --counts, each into a fresh output. Only the model stage is simulated: ``SimulatedSegmentImages``
+sleeps as an accelerator running --actor-ips images/s per actor would, batching by padded shape as the real
+stage does, and returns a realistic label map at the original size (several classes in blobs, from the
+shapes set's drawing rule) and scores, so encoding and writing cost what they cost for real records.
+
+Figures per N:
+
+- ``images_per_s``: N / wall time of ``run()``;
+- ``driver_cpu_s``: user + system CPU of this process (the driver: Ray Data's executor, the commit) over
+  ``run()``; ``driver_us_per_image`` and ``driver_ms_per_block`` (blocks = N / rows per block);
+- ``marginal_driver_us_per_image``: (CPU at the largest N - CPU at the smallest) / (difference in N): the
+  cost per image with start-up and the fixed cost of a run taken out;
+- ``driver_peak_rss_bytes``: peak RSS of the driver during the run (sampled every 50 ms);
+- ``workers_cpu_s_per_image``: CPU of every other process of this user (Ray workers, raylet, GCS, object
+  store) over the run, per image; ``stage_busy_ms_per_image``: busy time per image measured in the workers
+  for each stage (decode, simulated model, encode, write), from ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.pipeline_throughput import RssSampler
+from ebseg.predictor import Prediction
+from ebseg.resize import resized_shape
+from ebseg.zoo import RandomWeightsWarning
+from pipeline.label.job import LabelJob
+from pipeline.label.run import run
+from pipeline.label.segment import SegmentImages
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+VOCABULARY = "sky,tree,grass,road,building,person,car,dog,water,mountain"
+
+
+def blob_labels(height: int, width: int, classes: int, seed: int) -> np.ndarray:
+    """int32 [height, width] class ids: a background class and a few ellipses and boxes of others."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((height, width), np.int32)
+    yy, xx = np.ogrid[:height, :width]
+    for k in range(1, min(classes, 7)):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(0.1, 0.3) * height, rng.uniform(0.1, 0.3) * width
+        if k % 2:
+            labels[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = k
+        else:
+            labels[int(max(0, cy - ry)) : int(cy + ry), int(max(0, cx - rx)) : int(cx + rx)] = k
+    return labels
+
+
+class SimulatedSegmenter:
+    """Stands in for ``ebseg.predictor.Segmenter``: the same padded-shape rule, a sleep for the forward."""
+
+    short_side, max_long_side, divisor = 640, 2560, 32
+
+    def __init__(self, classes: int, images_per_s: float):
+        self.classes, self.images_per_s = classes, images_per_s
+        self._maps: dict[tuple[int, int], np.ndarray] = {}
+
+    def padded_shape(self, height: int, width: int) -> tuple[int, int]:
+        h, w = resized_shape(height, width, self.short_side, self.max_long_side)
+        return -(-h // self.divisor) * self.divisor, -(-w // self.divisor) * self.divisor
+
+    def predict(self, images, *, output_sizes):
+        time.sleep(len(images) / self.images_per_s)  # one forward pass of the batch on an accelerator
+        out = []
+        for size in output_sizes:
+            if size not in self._maps:
+                self._maps[size] = blob_labels(*size, self.classes, seed=len(self._maps))
+            labels = self._maps[size]
+            areas = np.bincount(labels.ravel(), minlength=self.classes)
+            scores = np.where(areas > 0, 0.8, 0.0).astype(np.float32)
+            out.append(Prediction(label_map=labels, scores=scores, areas=areas))
+        return out
+
+
+def simulated_stage(images_per_s: float) -> type[SegmentImages]:
+    """The model stage with a simulated accelerator (a class made here, so Ray ships it by value)."""
+
+    class SimulatedSegmentImages(SegmentImages):
+        def __init__(self, settings, *, write_with=None):  # no model is loaded
+            self.vocabulary = settings.vocabulary
+            self.batch_size = settings.batch_size
+            self.segmenter = SimulatedSegmenter(len(self.vocabulary), images_per_s)
+            self.dtype = np.uint8
+            self.write_with = write_with
+            self.forwards = 0
+
+    return SimulatedSegmentImages
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--counts", default="1000,10000", help="comma-separated image counts, one run each")
+    p.add_argument("--size", default="480x640", help="original photo size HxW")
+    p.add_argument("--rows-per-block", type=int, default=None, help="default: LabelJob's")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--actor-ips", type=float, default=400.0, help="simulated images/s of one actor")
+    p.add_argument("--files-per-shard", type=int, default=256)
+    p.add_argument("--encode", default="stage", choices=["stage", "actor"], help="where records are written")
+    p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 4x)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
+    args = p.parse_args(argv)
+    try:
+        args.count_list = sorted(int(c) for c in args.counts.split(","))
+        args.height, args.width = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        p.error(f"--counts must be integers and --size HxW, got {args.counts!r}, {args.size!r}")
+    if min(*args.count_list, args.batch_size, args.actors, args.files_per_shard) < 1 or args.actor_ips <= 0:
+        p.error("--counts, --batch-size, --actors, --files-per-shard and --actor-ips must be positive")
+    args.cores = len(os.sched_getaffinity(0))
+    args.ray_cpus = args.ray_cpus or 4 * args.cores
+    return args
+
+
+def write_inputs(directory: Path, count: int, height: int, width: int) -> None:
+    """``count`` JPEG files: four real photos at ``height`` x ``width``, the same bytes repeated."""
+    from skimage import data
+
+    directory.mkdir(parents=True)
+    bodies = []
+    for name in PHOTOS:
+        path = directory / f"{name}.jpg.tmp"
+        Image.fromarray(getattr(data, name)()).convert("RGB").resize((width, height)).save(path, "JPEG")
+        bodies.append(path.read_bytes())
+        path.unlink()
+    for i in range(count):
+        (directory / f"{i // 1000:03d}" / f"{i:07d}.jpg").parent.mkdir(exist_ok=True)
+        (directory / f"{i // 1000:03d}" / f"{i:07d}.jpg").write_bytes(bodies[i % len(bodies)])
+
+
+def other_processes_cpu() -> float:
+    """CPU seconds (user + system) of this user's processes other than this one: Ray's workers and daemons."""
+    total, me, tick = 0.0, os.getpid(), os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_run(args, count: int, source: Path, out: Path) -> dict:
+    inputs = out.parent / f"in-{count}"
+    inputs.mkdir()
+    for path in sorted(source.rglob("*.jpg"))[:count]:
+        os.link(path, inputs / path.name)  # a hard link: the listing reads it as the file it is
+    fields = {} if args.rows_per_block is None else {"rows_per_block": args.rows_per_block}
+    job = LabelJob(
+        input=str(inputs),
+        output=str(out),
+        model="tiny",
+        vocabulary=VOCABULARY,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        files_per_shard=args.files_per_shard,
+        encode_in_actor=args.encode == "actor",
+        progress=False,
+        **fields,
+    )
+    stage = simulated_stage(args.actor_ips)
+    cpu, others, start = self_cpu(), other_processes_cpu(), time.monotonic()
+    with RssSampler() as rss:
+        summary = run(job, model_stage_cls=stage)
+    wall, cpu = time.monotonic() - start, self_cpu() - cpu
+    others = other_processes_cpu() - others
+    blocks = -(-count // job.rows_per_block)
+    busy = summary["stage_busy_s"]
+    return {
+        "images": summary["images"],
+        "rows_per_block": job.rows_per_block,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(count / wall, 1),
+        "driver_cpu_s": round(cpu, 3),
+        "driver_us_per_image": round(cpu / count * 1e6, 1),
+        "driver_ms_per_block": round(cpu / blocks * 1e3, 2),
+        "driver_peak_rss_bytes": rss.peak,
+        "workers_cpu_s_per_image": round(others / count, 5),
+        "stage_busy_ms_per_image": {k: round(v / count * 1000, 3) for k, v in busy.items()},
+        "effective_batch_size": summary["effective_batch_size"],
+        "shards": summary["shards_written"],
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import ray
+
+    warnings.simplefilter("ignore", RandomWeightsWarning)
+    started = not ray.is_initialized()  # a caller's Ray (the tests') is used as it is
+    if started:
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    report = {
+        "size": f"{args.height}x{args.width}",
+        "batch_size": args.batch_size,
+        "actors": args.actors,
+        "actor_ips": args.actor_ips,
+        "files_per_shard": args.files_per_shard,
+        "encode": args.encode,
+        "cpu": _cpu_model(),
+        "cores": args.cores,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "runs": [],
+    }
+    try:
+        with tempfile.TemporaryDirectory(prefix="ebseg-scale-") as tmp:
+            root = Path(tmp)
+            write_inputs(root / "photos", max(args.count_list), args.height, args.width)
+            for count in args.count_list:
+                report["runs"].append(one_run(args, count, root / "photos", root / f"out-{count}"))
+    finally:
+        if started:
+            ray.shutdown()
+    runs = report["runs"]
+    if len(runs) > 1 and runs[-1]["images"] > runs[0]["images"]:
+        extra = runs[-1]["driver_cpu_s"] - runs[0]["driver_cpu_s"]
+        report["marginal_driver_us_per_image"] = round(
+            extra / (runs[-1]["images"] - runs[0]["images"]) * 1e6, 1
+        )
+    report["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
+    return report
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    result = main()
+    if "--json" in sys.argv:
+        print(json.dumps(result))
+    else:
+        for r in result["runs"]:
+            print(
+                f"{r['images']:>6} images {result['size']}: {r['images_per_s']:>8.1f} images/s, driver "
+                f"{r['driver_us_per_image']:.1f} us/image, {r['driver_ms_per_block']:.2f} ms/block "
+                f"({r['rows_per_block']} rows), peak RSS {r['driver_peak_rss_bytes'] / 2**20:.0f} MiB, "
+                f"workers {r['workers_cpu_s_per_image'] * 1000:.2f} ms CPU/image, "
+                f"effective batch {r['effective_batch_size']}"
+            )
+        if "marginal_driver_us_per_image" in result:
+            print(f"marginal driver CPU: {result['marginal_driver_us_per_image']} us/image")

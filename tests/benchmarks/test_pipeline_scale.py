@@ -1,0 +1,41 @@
+"""The scale benchmark runs the real labelling graph with its simulated accelerator (a smoke run on the
+tests' Ray; no timing is asserted), and the prepared GPU check parses its arguments without a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tests.conftest import REPO
+
+
+def test_pipeline_scale_reports_driver_and_stage_figures(ray_local):
+    from benchmarks import pipeline_scale
+
+    args = ["--counts", "4,8", "--size", "48x64", "--rows-per-block", "4", "--batch-size", "2"]
+    report = pipeline_scale.main([*args, "--files-per-shard", "3", "--actors", "1", "--actor-ips", "1000"])
+    json.dumps(report)  # what --json prints
+    assert [r["images"] for r in report["runs"]] == [4, 8] and report["size"] == "48x64"
+    for run in report["runs"]:
+        assert run["rows_per_block"] == 4 and run["shards"] == -(-run["images"] // 3)
+        assert run["driver_cpu_s"] > 0 and run["driver_peak_rss_bytes"] > 0 and run["images_per_s"] > 0
+        assert set(run["stage_busy_ms_per_image"]) == {"decode", "model", "encode", "write"}
+        assert 1 <= run["effective_batch_size"] <= 2  # the simulated stage batches as the real one does
+    assert "marginal_driver_us_per_image" in report
+
+
+def gpu_check(*args: str) -> subprocess.CompletedProcess:
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    return subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_check_script_parses_and_plans_without_a_gpu(tmp_path):
+    syntax = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True)
+    assert syntax.returncode == 0, syntax.stderr
+    plan = gpu_check("--dry-run", "--out", str(tmp_path), "--skip-train")
+    assert plan.returncode == 0 and "steps: env parity speed memory label" in plan.stdout
+    assert "train" not in plan.stdout.split("steps:")[1].splitlines()[0] and str(tmp_path) in plan.stdout
+    assert gpu_check("--help").stdout.startswith("The prepared GPU check")
+    wrong = gpu_check("--gpus", "2")
+    assert wrong.returncode == 2 and "unknown argument '--gpus'" in wrong.stderr
+    assert gpu_check("--out").returncode == 2
