@@ -12,16 +12,15 @@ from tests.conftest import REPO
 def test_pipeline_scale_reports_driver_and_stage_figures(ray_local):
     from benchmarks import pipeline_scale
 
-    args = ["--counts", "4,8", "--size", "48x64", "--rows-per-block", "4", "--batch-size", "2"]
+    args = ["--counts", "8", "--size", "48x64", "--rows-per-block", "4", "--batch-size", "2"]
     report = pipeline_scale.main([*args, "--files-per-shard", "3", "--actors", "1", "--actor-ips", "1000"])
     json.dumps(report)  # what --json prints
-    assert [r["images"] for r in report["runs"]] == [4, 8] and report["size"] == "48x64"
+    assert [r["images"] for r in report["runs"]] == [8] and report["size"] == "48x64"
     for run in report["runs"]:
         assert run["rows_per_block"] == 4 and run["shards"] == -(-run["images"] // 3)
         assert run["driver_cpu_s"] > 0 and run["driver_peak_rss_bytes"] > 0 and run["images_per_s"] > 0
         assert set(run["stage_busy_ms_per_image"]) == {"decode", "model", "encode", "write"}
         assert 1 <= run["effective_batch_size"] <= 2  # the simulated stage batches as the real one does
-    assert "marginal_driver_us_per_image" in report
 
 
 def gpu_check(*args: str) -> subprocess.CompletedProcess:
