@@ -22,6 +22,8 @@ Figures per N:
 - ``marginal_driver_us_per_image``: (CPU at the largest N - CPU at the smallest) / (difference in N): the
   cost per image with start-up and the fixed cost of a run taken out;
 - ``driver_peak_rss_bytes``: peak RSS of the driver during the run (sampled every 50 ms);
+- ``commit_only``: the driver's own commit work measured apart, without Ray (200 shards of --files-per-shard
+  rows in parts of 128 rows: part rows in, manifests written to local disk), CPU per image and per part;
 - ``stage_busy_ms_per_image``: busy time per image measured in the workers for each stage (decode,
   simulated model, encode, write), from ``summary.json`` (wall time inside the stage: CPU time when the
   machine is not oversubscribed).
@@ -198,6 +200,57 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
     }
 
 
+def commit_cost(shards: int, rows_per_shard: int, rows_per_part: int, directory: Path) -> dict:
+    """The driver's commit work alone, no Ray: part rows in, manifests out (local disk), CPU per image."""
+    import pyarrow as pa
+
+    from pipeline import storage
+    from pipeline.label.commit import ShardCommitter
+    from pipeline.label.parts import PART_SCHEMA
+
+    parts = []
+    for s in range(shards):
+        for start in range(0, rows_per_shard, rows_per_part):
+            stop = min(rows_per_shard, start + rows_per_part)
+            parts.append(
+                {
+                    "shard_id": f"s-{s:06d}",
+                    "shard_size": rows_per_shard,
+                    "file": f"images/s-{s:06d}/{start}.parquet",
+                    "rows": stop - start,
+                    "ranges": [start, stop],
+                    "bytes": 1,
+                    "sha256": "0" * 64,
+                    "errors": "{}",
+                    "decode_ms": 1.0,
+                    "model_ms": 1.0,
+                    "encode_ms": 1.0,
+                    "write_ms": 1.0,
+                    "model_images": stop - start,
+                    "forwards": (stop - start) / 8,
+                }
+            )
+    tables = [pa.Table.from_pylist(parts[i : i + 1], schema=PART_SCHEMA) for i in range(len(parts))]
+    fs, root = storage.url_to_fs(str(directory))
+    cpu, start = self_cpu(), time.monotonic()
+    with ShardCommitter(root, fs=fs, expected_shards=[f"s-{s:06d}" for s in range(shards)]) as committer:
+        for table in tables:  # one metadata block per part, as the graph delivers them
+            committer.add(table)
+        report = committer.close()
+    cpu = self_cpu() - cpu
+    images = shards * rows_per_shard
+    assert len(report.manifests) == shards
+    return {
+        "shards": shards,
+        "parts": len(parts),
+        "images": images,
+        "cpu_s": round(cpu, 3),
+        "us_per_image": round(cpu / images * 1e6, 2),
+        "us_per_part": round(cpu / len(parts) * 1e6, 1),
+        "wall_s": round(time.monotonic() - start, 3),
+    }
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import ray
@@ -221,6 +274,7 @@ def main(argv=None) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="ebseg-scale-") as tmp:
             root = Path(tmp)
+            report["commit_only"] = commit_cost(200, args.files_per_shard, 128, root / "commit-only")
             write_inputs(root / "photos", max(args.count_list), args.height, args.width)
             for count in args.count_list:
                 report["runs"].append(one_run(args, count, root / "photos", root / f"out-{count}"))
