@@ -129,6 +129,9 @@ def _run_options(parser: argparse.ArgumentParser, kind: str) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the spec; run nothing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print Ray's own log lines too (normally in Ray's log files)"
+    )
     add_spec_flags(parser, kind)
 
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,9 +47,9 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def labelled(shapes, tmp_path_factory):
-    """``ebseg label IN OUT --vocabulary FILE`` (demo model, embedded Ray) run once for the module."""
+    """``ebseg label IN OUT`` (demo model, its own vocabulary, embedded Ray) run once for the module."""
     out = tmp_path_factory.mktemp("cli") / "out"
-    result = ebseg("label", str(shapes / "images"), str(out), "--vocabulary", str(shapes / "vocabulary.json"))
+    result = ebseg("label", str(shapes / "images"), str(out))
     return out, result
 
 
@@ -65,7 +66,7 @@ def ground_truth(shapes: Path) -> dict[tuple[str, str], float]:
     return truth
 
 
-def test_label_command_labels_the_images_and_prints_a_summary(labelled):
+def test_label_command_labels_the_images_and_prints_a_summary(labelled, shapes):
     out, result = labelled
     assert result.returncode == 0, result.stderr
     assert f"labelled {COUNT} images" in result.stdout
@@ -73,9 +74,33 @@ def test_label_command_labels_the_images_and_prints_a_summary(labelled):
     assert f"output: {out}" in result.stdout
     assert "started an embedded local Ray" in result.stderr
     assert "labelling: 1/1 shards" in result.stderr  # the progress line
+    # Without --vocabulary the demo model labels with the vocabulary it was trained on.
+    assert "vocabulary: the model's own (shapes): background, red circle" in result.stderr
+    written, truth = (json.loads((p / "vocabulary.json").read_text())["classes"] for p in (out, shapes))
+    assert [c["name"] for c in written] == [c["name"] for c in truth]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] == COUNT and summary["errors"] == 0
     assert len(list((out / "_manifest").glob("*.json"))) == 1
+
+
+RAY_LINE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\]|^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING|ERROR) "
+)
+
+
+def test_a_run_prints_only_its_own_lines(labelled):
+    """Ray's C++ core (``[date E pid tid] core_worker.cc``) and Ray Data's warnings go to Ray's log files."""
+    _, result = labelled
+    lines = (result.stdout + result.stderr).splitlines()
+    assert [
+        line for line in lines if RAY_LINE.search(line) or ".cc:" in line or "Progress bars" in line
+    ] == []
+    assert all(
+        line.startswith(("ebseg: ", "labelling: ", "labelled ", "output: ", "next: ")) for line in lines
+    )
+    logs = re.search(r"Ray's own log lines: (\S+)", result.stderr)[1]
+    (driver_log,) = Path(logs).glob("ebseg-driver-*.err")
+    assert driver_log.is_file()  # where Ray's lines (the core worker's, Ray Data's warnings) went
 
 
 def test_query_answers_match_the_known_content(labelled, shapes):
@@ -212,7 +237,8 @@ BAD_LABEL = "kind: label\ninput: a\noutput: OUT\nvocabulary: x,\n"
 INVALID = [
     (["label", "--spec", "SPEC"], BAD_LABEL + "batch_size: 0\ncolour: red\n",
      ["label.batch_size (--batch-size): must be >= 1 (got 0)", "label.colour: unknown field; allowed:"]),
-    (["label", "IN", "OUT"], None, ["label.vocabulary (--vocabulary): required field is missing"]),
+    (["label", "IN", "OUT", "--model", "tiny"], None,
+     ["label.vocabulary (--vocabulary): model 'tiny' carries no vocabulary", "ade150", "'cat,dog,tree'"]),
     (["label", "IN", "OUT", "--vocabulary", "a,b", "--amp-dtype", "fp8"], None,
      ["label.amp_dtype (--amp-dtype): must be one of 'bf16', 'fp16' or 'fp32' (got 'fp8')"]),
     (["train", "SPEC"], "kind: train\nname: r1\nstorage: OUT\n",
