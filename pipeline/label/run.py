@@ -184,7 +184,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
             todo = [s for s in wave if s.shard_id not in done]
             shards += len(wave)
             skipped += len(wave) - len(todo)
-            progress.total_shards, progress.skipped_shards = shards, skipped
+            progress.listed(shards, skipped, complete=len(wave) < WAVE_SHARDS)  # a short wave ends it
             if not todo:
                 continue
             ensure_ray()
@@ -193,6 +193,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.update(images=sink.add(batch))
         report = sink.close()
+    progress.listed(shards, skipped, complete=True)
     progress.close()
     end = time.monotonic()
     # The listing streams alongside the labelling, so "label" covers both; "setup" is model description,
