@@ -23,6 +23,7 @@ class Progress:
         stream: TextIO | None = None,
         interval: float = 5.0,
         enabled: bool = True,
+        listing_complete: bool = True,
     ):
         self.stream = stream if stream is not None else sys.stderr
         self.total_shards = total_shards
@@ -36,7 +37,7 @@ class Progress:
         self._width = 0
         self.shards = 0
         self.images = 0
-        self.listing_complete = False
+        self.listing_complete = listing_complete  # False while a streaming listing may add shards
 
     def listed(self, total_shards: int, skipped_shards: int, *, complete: bool) -> None:
         """The listing so far: ``total_shards`` found, ``skipped_shards`` of them already committed;

@@ -165,7 +165,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
         files_per_shard=job.files_per_shard,
         image_column=job.image_column,
     )
-    progress = Progress(total_shards=0, enabled=job.progress)
+    progress = Progress(total_shards=0, enabled=job.progress, listing_complete=False)
     fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
     shards = skipped = 0
     with (
