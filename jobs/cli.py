@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image_id", metavar="IMAGE_ID", help="an image_id, a unique prefix, or the file name")
     show.add_argument("--out", required=True, help="PNG to write (path or URI)")
     show.add_argument("--alpha", type=float, default=0.5, help="mask opacity, 0..1")
+    show.add_argument(
+        "--side-by-side", action=argparse.BooleanOptionalAction, default=True,
+        help="the original to the left of the overlay (default); --no-side-by-side draws the overlay alone",
+    )  # fmt: skip
     _storage_flag(show)
 
     export = sub.add_parser(

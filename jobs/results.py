@@ -52,13 +52,24 @@ def _resolve_image_id(output: str, name: str, options: dict[str, Any] | None) ->
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline.results.overlay import render_overlay
+    from pipeline.results.show import render_overlay
 
     options = _options(args)
     image_id = _resolve_image_id(args.output, args.image_id, options)
-    drawn = render_overlay(args.output, image_id, args.out, storage_options=options, alpha=args.alpha)
+    drawn = render_overlay(
+        args.output,
+        image_id,
+        args.out,
+        storage_options=options,
+        alpha=args.alpha,
+        side_by_side=args.side_by_side,
+    )
     classes = ", ".join(drawn["classes"]) or "no class"
-    print(f"wrote {args.out} ({drawn['width']}x{drawn['height']}): {classes}")
+    layout = "original | overlay | legend" if args.side_by_side else "overlay | legend"
+    width, height = drawn["canvas"]
+    print(
+        f"wrote {args.out} ({drawn['width']}x{drawn['height']} image; {width}x{height}: {layout}): {classes}"
+    )
     return 0
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from ebseg.data.shapes import write_shapes
 from jobs.cli import build_parser, main
 from jobs.flags import spec_from_args
+from pipeline.results.overlay import GAP
 from pipeline.results.query import open_output
 
 EBSEG = Path(sys.executable).with_name("ebseg")
@@ -157,10 +158,18 @@ def test_show_writes_an_overlay_of_the_image_size(labelled, tmp_path, capsys):
         )
     dest = tmp_path / "overlay.png"
     assert main(["show", str(out), image_id[:10], "--out", str(dest)]) == 0  # a unique prefix is enough
-    assert f"wrote {dest} ({SIZE[1]}x{SIZE[0]})" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        f"wrote {dest} ({SIZE[1]}x{SIZE[0]} image; " in printed and "original | overlay | legend" in printed
+    )
     drawn, original = Image.open(dest), Image.open(source)
-    assert drawn.format == "PNG" and drawn.size == original.size == (SIZE[1], SIZE[0])
-    assert np.abs(np.asarray(drawn.convert("RGB"), np.int16) - np.asarray(original.convert("RGB"))).mean() > 5
+    height, width = SIZE
+    assert drawn.format == "PNG" and drawn.height == height and drawn.width > 2 * width
+    pixels, plain = np.asarray(drawn.convert("RGB"), np.int16), np.asarray(original.convert("RGB"))
+    assert np.array_equal(pixels[:, :width], plain)  # the original on the left, as it is
+    assert np.abs(pixels[:, width + GAP : 2 * width + GAP] - plain).mean() > 5  # the overlay beside it
+    assert main(["show", str(out), image_id, "--out", str(tmp_path / "alone.png"), "--no-side-by-side"]) == 0
+    assert Image.open(tmp_path / "alone.png").width == drawn.width - width - GAP
 
     # The input's file name names the same image.
     assert main(["show", str(out), Path(source).name, "--out", str(tmp_path / "by_name.png")]) == 0

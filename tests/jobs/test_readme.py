@@ -38,5 +38,5 @@ def test_readme_main_job_labels_queries_and_draws(tmp_path):
         line.split() for line in out.splitlines()
     ]  # the query's table
     assert "background" in out and "(7 rows)" in out  # every shapes class is found in eight images
-    assert "wrote overlay.png (256x256)" in out
+    assert "wrote overlay.png (256x256 image; " in out
     assert (tmp_path / "overlay.png").stat().st_size > 1000
