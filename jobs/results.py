@@ -1,4 +1,5 @@
-"""The output commands, ``ebseg query`` / ``show`` / ``export``, over a labelling output (local or a URI)."""
+"""The output commands, ``ebseg query`` / ``show`` / ``export`` / ``report``, over a labelling output (local
+or a URI)."""
 
 from __future__ import annotations
 
@@ -79,4 +80,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     exporter = export_coco if args.format == "coco" else export_png
     result = exporter(args.output, args.dest, storage_options=_options(args))
     print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.results.report import write_report
+
+    path = write_report(args.output, args.out, storage_options=_options(args))
+    print(f"report: {path}")
     return 0

@@ -100,7 +100,23 @@ def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
         print(
             f'next: ebseg query {spec.output} "SELECT label, count(*) AS images FROM segments GROUP BY label"'
         )
+    summary["report"] = _report(spec)
+    if not args.json and summary["report"]:
+        print(f"report: {summary['report']} (open it in a browser)")
     return summary
+
+
+def _report(spec) -> str | None:
+    """Write ``OUTPUT/report.html``; a report that fails is a warning, never a failed run (the labels are
+    committed by then). Returns where it was written (as the user spelled the output), or None."""
+    from pipeline.results.report import REPORT_FILE, write_report
+
+    try:
+        write_report(spec.output, storage_options=spec.storage_options)
+    except Exception as e:  # the run's result stands; say why there is no page
+        say(f"warning: no report.html: {type(e).__name__}: {e}")
+        return None
+    return spec.output.rstrip("/") + "/" + REPORT_FILE
 
 
 def run_train(spec, args: argparse.Namespace) -> dict[str, Any]:

@@ -169,9 +169,9 @@ def read_labelled(out, image_id: str) -> tuple[np.ndarray, np.ndarray]:
     (a ``LabelOutput``): the original read and decoded as the pipeline did. KeyError for an id not in the
     committed shards, ValueError for an image with error status."""
     label_map = out.label_map(image_id)  # raises for unknown ids and error rows
-    source_uri, member = out.con.execute(
+    ((source_uri, member),) = out.con.execute(
         "SELECT source_uri, member FROM images WHERE image_id = ?", [image_id]
-    ).fetchone()
+    ).fetchall()
     job = out.job
     data = read_source(
         source_uri, member, storage_options=out.storage_options, image_column=job.get("image_column", "image")
