@@ -4,6 +4,7 @@ self-containment and bounded size, and rendered by a real browser (headless Chro
 from __future__ import annotations
 
 import html.parser
+import os
 import re
 import shutil
 import subprocess
@@ -109,6 +110,8 @@ def _browser(*args: str) -> subprocess.CompletedProcess:
 
 def test_report_renders_in_a_real_browser(output, tmp_path):
     if shutil.which(BROWSER) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have {BROWSER} (.ci/run installs it)")
         pytest.skip(f"{BROWSER} is not installed (apt-get install {BROWSER}; .ci/run installs it)")
     page = tmp_path / "report.html"
     write_report(output, str(page))
