@@ -101,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_flag(show)
 
     export = sub.add_parser(
-        "export", help="COCO JSON, or PNG label maps with id2label.json", allow_abbrev=False
-    )
+        "export", help="COCO JSON, PNG label maps with id2label.json, or a Hugging Face dataset",
+        allow_abbrev=False,
+    )  # fmt: skip
     export.add_argument("output", metavar="OUTPUT")
     export.add_argument("dest", metavar="DEST", help="a directory or URI (coco: also a .json file)")
-    export.add_argument("--format", choices=("coco", "png"), required=True)
+    export.add_argument(
+        "--format", choices=("coco", "png", "hf"), required=True,
+        help="hf: a Hugging Face dataset (image and label Image features, id2label.json; load_dataset(DEST))",
+    )  # fmt: skip
     _storage_flag(export)
 
     report = sub.add_parser(

@@ -76,8 +76,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.results.export import export_coco, export_png
+    from pipeline.results.hf import export_hf
 
-    exporter = export_coco if args.format == "coco" else export_png
+    exporter = {"coco": export_coco, "png": export_png, "hf": export_hf}[args.format]
     result = exporter(args.output, args.dest, storage_options=_options(args))
     print(json.dumps(result, default=str))
     return 0
