@@ -73,6 +73,9 @@ def test_label_command_labels_the_images_and_prints_a_summary(labelled, shapes):
     assert f"labelled {COUNT} images" in result.stdout
     assert f"{COUNT} ok, 0 failed" in result.stdout
     assert f"output: {out}" in result.stdout
+    # The run's page is written with the output, and the summary ends pointing at it.
+    assert result.stdout.splitlines()[-1].startswith(f"report: {out}/report.html")
+    assert "red circle" in (out / "report.html").read_text()
     assert "started an embedded local Ray" in result.stderr
     assert "labelling: 1/1 shards" in result.stderr  # the progress line
     # Without --vocabulary the demo model labels with the vocabulary it was trained on.
