@@ -158,9 +158,47 @@ RUNNERS = {"label": run_label, "train": run_train, "eval": run_eval}
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args, args.command)
     if args.dry_run:
+        if args.command == "label":
+            default_vocabulary(spec)
         sys.stdout.write(dump_spec(spec))
+        if args.command == "label":
+            sys.stdout.write(_plan_text(spec))
         return 0
     result = RUNNERS[args.command](spec, args)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _plan_text(spec) -> str:
+    """The dry-run's plan, as YAML comments after the spec (the printed text stays a valid spec file)."""
+    from pipeline.label.preview import preview
+
+    try:
+        found = preview(spec.to_job())
+    except (FileNotFoundError, ValueError) as e:
+        return f"# plan: cannot list the input: {e}\n"
+    names = found["vocabulary"]["names"]
+    uncounted = (
+        f" (+ the images of {found['uncounted_shards']} tar/Parquet shards)"
+        if found["uncounted_shards"]
+        else ""
+    )
+    lines = [
+        f"plan: run {found['run_id']}, model {found['model_id']}, device {found['device']}",
+        f"vocabulary: {found['vocabulary']['name'] or found['vocabulary']['id']} ({len(names)} classes: "
+        + ", ".join(names[:10])
+        + (", ..." if len(names) > 10 else "")
+        + ")",
+        f"found: {found['shards']} shards{' (listing stopped here)' if found['truncated'] else ''}, "
+        f"{found['images']} images{uncounted}",
+        f"already committed in {found['output']}: {found['committed']} shards",
+        f"would run: {found['to_run']} shards",
+    ]
+    for shard in found["listed"]:
+        images = "?" if shard["images"] is None else shard["images"]
+        state = "committed" if shard["committed"] else "to run"
+        lines.append(f"  {shard['shard_id']}: {images} images from {shard['first']} ({state})")
+    if found["shards"] > len(found["listed"]):
+        lines.append(f"  ... and {found['shards'] - len(found['listed'])} more shards")
+    return "".join(f"# {line}\n" for line in lines)

@@ -99,9 +99,10 @@ def test_a_run_prints_only_its_own_lines(labelled):
     assert [
         line for line in lines if RAY_LINE.search(line) or ".cc:" in line or "Progress bars" in line
     ] == []
-    assert all(
-        line.startswith(("ebseg: ", "labelling: ", "labelled ", "output: ", "next: ")) for line in lines
-    )
+    for line in lines:
+        assert line.startswith(("ebseg: ", "labelling: ", "labelled ", "output: ", "next: ", "report: ")), (
+            line
+        )
     logs = re.search(r"Ray's own log lines: (\S+)", result.stderr)[1]
     (driver_log,) = Path(logs).glob("ebseg-driver-*.err")
     assert driver_log.is_file()  # where Ray's lines (the core worker's, Ray Data's warnings) went
@@ -336,3 +337,20 @@ def test_flags_must_be_spelled_out():
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["label", "in", "out", "--vocab", "a,b"])
     assert exc.value.code == 2
+
+
+def test_dry_run_describes_the_plan_against_the_output(labelled, shapes, capsys):
+    out, _ = labelled
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["label", str(shapes / "images"), str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    from jobs.specs import load_spec
+
+    assert load_spec(printed).vocabulary is None  # still a spec file: the plan is in comments
+    assert f"# found: 1 shards, {COUNT} images" in printed
+    assert f"# already committed in {out}: 1 shards" in printed and "# would run: 0 shards" in printed
+    assert "# vocabulary: shapes (7 classes: background, red circle" in printed
+    assert main(["label", str(shapes / "images"), str(out), "--dry-run", "--files-per-shard", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "# found: 3 shards, 8 images" in printed and "# would run: 3 shards" in printed
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written
