@@ -30,7 +30,7 @@ from ebseg.downloads import HF_FILES, WeightsUnavailableError, official_file
 from ebseg.official import infer_official_preset, is_official_state_dict, unwrap_state_dict
 from ebseg.precision import autocast_dtype
 from ebseg.predictor import Segmenter
-from ebseg.vocab import Vocabulary
+from ebseg.vocab import BENCHMARKS, Vocabulary
 
 # The project's own small model, trained on the synthetic shapes set and shipped with the package.
 DEMO_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "demo.pt")
@@ -51,6 +51,8 @@ class ModelInfo:
     model_id: stable id written into every record: ``tiny:random-seed0``, ``base:official`` (the released
     EBSeg-B), or ``<preset>:sha256-<16 hex of the checkpoint file>`` for demo and checkpoint paths.
     short_side / max_long_side: the resize the decode stage applies (``Segmenter.input_shape``).
+    vocabulary: the vocabulary the checkpoint was trained on (``Vocabulary.to_dict`` form, as ``ebseg
+    train`` and the demo checkpoint store it), or None when the model carries none.
     """
 
     spec: str
@@ -59,10 +61,27 @@ class ModelInfo:
     short_side: int | None
     max_long_side: int = MAX_LONG_SIDE
     random_weights: bool = False
+    vocabulary: Mapping | None = None
+
+    def resolve_vocabulary(self, value: str | Vocabulary | None) -> Vocabulary:
+        """The vocabulary a job labels with: ``value`` when given, else the one the model was trained on."""
+        if value is not None:
+            return value if isinstance(value, Vocabulary) else Vocabulary.parse(value)
+        if self.vocabulary is None:
+            raise VocabularyRequiredError(
+                f"model {self.spec!r} carries no vocabulary: give one with --vocabulary (a benchmark: "
+                f"{', '.join(BENCHMARKS)}; a vocabulary file, e.g. vocabulary.json; or names: 'cat,dog,tree')"
+            )
+        return Vocabulary.from_dict(self.vocabulary)
 
 
-def _checkpoint_config(uri: str) -> tuple[EBSegConfig, str]:
-    """The config a checkpoint file holds (ebseg or official format) and the sha256 of its bytes."""
+class VocabularyRequiredError(ValueError):
+    """No vocabulary was given and the model does not carry the one it was trained on."""
+
+
+def _checkpoint_config(uri: str) -> tuple[EBSegConfig, str, Mapping | None]:
+    """The config a checkpoint file holds (ebseg or official format), the sha256 of its bytes and the
+    vocabulary it was trained on (ebseg checkpoints written with one; None otherwise)."""
     digest = hashlib.sha256()
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
@@ -78,10 +97,10 @@ def _checkpoint_config(uri: str) -> tuple[EBSegConfig, str]:
         digest.update(data)
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        config = EBSegConfig.from_dict(obj["config"])
-    else:
-        config = get_config(infer_official_preset(unwrap_state_dict(obj)))
-    return config, digest.hexdigest()
+        vocabulary = obj.get("vocabulary")
+        vocabulary = dict(vocabulary) if isinstance(vocabulary, Mapping) else None
+        return EBSegConfig.from_dict(obj["config"]), digest.hexdigest(), vocabulary
+    return get_config(infer_official_preset(unwrap_state_dict(obj))), digest.hexdigest(), None
 
 
 def describe_model(spec: str) -> ModelInfo:
@@ -101,8 +120,9 @@ def describe_model(spec: str) -> ModelInfo:
         return ModelInfo(spec, f"{spec}:random-seed{RANDOM_SEED}", spec, short_side, random_weights=True)
     if spec in HF_FILES:
         return ModelInfo(spec, f"{spec}:official", spec, get_config(spec).short_side)
-    config, sha = _checkpoint_config(DEMO_WEIGHTS if spec == "demo" else spec)
-    return ModelInfo(spec, f"{config.name}:sha256-{sha[:16]}", config.name, config.short_side)
+    config, sha, vocabulary = _checkpoint_config(DEMO_WEIGHTS if spec == "demo" else spec)
+    model_id = f"{config.name}:sha256-{sha[:16]}"
+    return ModelInfo(spec, model_id, config.name, config.short_side, vocabulary=vocabulary)
 
 
 def load_official(

@@ -1,11 +1,12 @@
 """``ebseg``: label, train and evaluate on Ray; submit to a cluster; query, draw and export the results.
 
-    ebseg label INPUT OUTPUT --vocabulary V [--model demo] [--spec label.yaml] [--address ADDR]
+    ebseg label INPUT OUTPUT [--vocabulary V] [--model demo] [--spec label.yaml] [--address ADDR]
     ebseg train SPEC.yaml        ebseg eval SPEC.yaml
     ebseg submit SPEC.yaml --address http://HOST:8265 [--wait]    ebseg status JOB_ID    ebseg logs JOB_ID
     ebseg query OUTPUT "SQL" [--format table|csv|json]
     ebseg show OUTPUT IMAGE_ID --out overlay.png
-    ebseg export OUTPUT DEST --format coco|png
+    ebseg export OUTPUT DEST --format coco|png|hf
+    ebseg report OUTPUT [--out report.html]
 
 label / train / eval run on the Ray that ``--address`` or ``$RAY_ADDRESS`` names, else on an embedded local
 Ray. Their flags are the spec's fields (``ebseg label --help``); a spec file and flags combine, flags winning.
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 from jobs.console import EXIT_FAILED, EXIT_USAGE, JOB_ERRORS, CommandError, say, show_warning
 from jobs.flags import add_spec_flags
-from jobs.results import cmd_export, cmd_query, cmd_show
+from jobs.results import cmd_export, cmd_query, cmd_report, cmd_show
 from jobs.runs import RUNNERS, cmd_run
 from jobs.specs import SpecError
 from jobs.submit import SubmitError
@@ -93,15 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image_id", metavar="IMAGE_ID", help="an image_id, a unique prefix, or the file name")
     show.add_argument("--out", required=True, help="PNG to write (path or URI)")
     show.add_argument("--alpha", type=float, default=0.5, help="mask opacity, 0..1")
+    show.add_argument(
+        "--side-by-side", action=argparse.BooleanOptionalAction, default=True,
+        help="the original to the left of the overlay (default); --no-side-by-side draws the overlay alone",
+    )  # fmt: skip
     _storage_flag(show)
 
     export = sub.add_parser(
-        "export", help="COCO JSON, or PNG label maps with id2label.json", allow_abbrev=False
-    )
+        "export", help="COCO JSON, PNG label maps with id2label.json, or a Hugging Face dataset",
+        allow_abbrev=False,
+    )  # fmt: skip
     export.add_argument("output", metavar="OUTPUT")
     export.add_argument("dest", metavar="DEST", help="a directory or URI (coco: also a .json file)")
-    export.add_argument("--format", choices=("coco", "png"), required=True)
+    export.add_argument(
+        "--format", choices=("coco", "png", "hf"), required=True,
+        help="hf: a Hugging Face dataset (image and label Image features, id2label.json; load_dataset(DEST))",
+    )  # fmt: skip
     _storage_flag(export)
+
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page about an output: run, errors, classes, examples",
+        allow_abbrev=False,
+    )  # fmt: skip
+    report.add_argument("output", metavar="OUTPUT")
+    report.add_argument("--out", help="HTML file to write (path or URI); default OUTPUT/report.html")
+    _storage_flag(report)
     return parser
 
 
@@ -129,6 +146,9 @@ def _run_options(parser: argparse.ArgumentParser, kind: str) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the spec; run nothing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print Ray's own log lines too (normally in Ray's log files)"
+    )
     add_spec_flags(parser, kind)
 
 
@@ -197,6 +217,7 @@ _COMMANDS = {
     "query": cmd_query,
     "show": cmd_show,
     "export": cmd_export,
+    "report": cmd_report,
 }
 
 

@@ -3,6 +3,7 @@ user can act on, and our own warnings said in words."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -20,9 +21,13 @@ def say(message: str) -> None:
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our own warnings (random weights, ...) as one ``ebseg: warning:`` line; others as Python shows them."""
+    """Our own warnings (random weights, ...) as one ``ebseg: warning:`` line; others as Python shows them,
+    Ray's on the process's own stderr (``sys.__stderr__``), which is Ray's log file while a run keeps Ray's
+    lines off the console (``pipeline.cluster.ray_console_to_file``)."""
     if category.__module__.split(".")[0] in ("ebseg", "pipeline", "jobs"):
         say(f"warning: {message}")
+    elif file is None and (category.__module__.startswith("ray") or f"{os.sep}ray{os.sep}" in str(filename)):
+        sys.__stderr__.write(warnings.formatwarning(message, category, filename, lineno, line))
     else:
         _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 

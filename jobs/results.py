@@ -1,4 +1,5 @@
-"""The output commands, ``ebseg query`` / ``show`` / ``export``, over a labelling output (local or a URI)."""
+"""The output commands, ``ebseg query`` / ``show`` / ``export`` / ``report``, over a labelling output (local
+or a URI)."""
 
 from __future__ import annotations
 
@@ -52,20 +53,40 @@ def _resolve_image_id(output: str, name: str, options: dict[str, Any] | None) ->
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline.results.overlay import render_overlay
+    from pipeline.results.show import render_overlay
 
     options = _options(args)
     image_id = _resolve_image_id(args.output, args.image_id, options)
-    drawn = render_overlay(args.output, image_id, args.out, storage_options=options, alpha=args.alpha)
+    drawn = render_overlay(
+        args.output,
+        image_id,
+        args.out,
+        storage_options=options,
+        alpha=args.alpha,
+        side_by_side=args.side_by_side,
+    )
     classes = ", ".join(drawn["classes"]) or "no class"
-    print(f"wrote {args.out} ({drawn['width']}x{drawn['height']}): {classes}")
+    layout = "original | overlay | legend" if args.side_by_side else "overlay | legend"
+    width, height = drawn["canvas"]
+    print(
+        f"wrote {args.out} ({drawn['width']}x{drawn['height']} image; {width}x{height}: {layout}): {classes}"
+    )
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.results.export import export_coco, export_png
+    from pipeline.results.hf import export_hf
 
-    exporter = export_coco if args.format == "coco" else export_png
+    exporter = {"coco": export_coco, "png": export_png, "hf": export_hf}[args.format]
     result = exporter(args.output, args.dest, storage_options=_options(args))
     print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.results.report import write_report
+
+    path = write_report(args.output, args.out, storage_options=_options(args))
+    print(f"report: {path}")
     return 0

@@ -4,9 +4,12 @@ on (``--address``, ``$RAY_ADDRESS`` or an embedded local one), the pipeline job,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from jobs.console import CommandError, say
@@ -25,27 +28,60 @@ def _spec(args: argparse.Namespace, kind: str):
     return spec_from_args(args, kind)
 
 
-def _connect(address: str | None) -> None:
-    from pipeline.cluster import ensure_ray, resolve_address
+@contextlib.contextmanager
+def _ray(args: argparse.Namespace) -> Iterator[None]:
+    """Ray for one run command: the one this process is connected to, ``--address`` / ``$RAY_ADDRESS``, or an
+    embedded local one (shut down at the end). Unless ``--verbose``, Ray's own lines (its loggers, the C++
+    core's, the workers') go to Ray's log files, and only ours reach the console."""
+    from pipeline.cluster import driver_log_path, ensure_ray, ray_console_to_file, resolve_address
 
-    target = resolve_address(address)
+    verbose = getattr(args, "verbose", False)
+    target = resolve_address(args.address)
     if target is not None:
         say(f"connecting to Ray at {target}")
-    how = ensure_ray(address, include_dashboard=False, logging_level=logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    how = ensure_ray(args.address, log_to_driver=verbose, include_dashboard=False, logging_level=level)
     if how == "local":
         say("started an embedded local Ray (pass --address or set RAY_ADDRESS to use a cluster)")
-    # Our progress line replaces Ray Data's per-dataset plan and timing messages.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = verbose  # our progress line replaces its plan and timing messages
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    with contextlib.ExitStack() as stack:
+        if how != "connected" and not verbose:
+            path = stack.enter_context(ray_console_to_file(driver_log_path()))
+            say(f"Ray's own log lines: {os.path.dirname(path)} (--verbose prints them)")
+        if how == "local":
+            stack.callback(ray.shutdown)  # inside the redirect: its farewell lines go to the file too
+        yield
+
+
+def default_vocabulary(spec) -> None:
+    """Without ``--vocabulary`` a model labels with the vocabulary it carries; say which, or refuse (exit 2)
+    naming the accepted forms, before anything starts."""
+    from ebseg.zoo import VocabularyRequiredError, describe_model
+
+    if spec.vocabulary is not None:
+        return
+    try:
+        vocabulary = describe_model(spec.model).resolve_vocabulary(None)
+    except VocabularyRequiredError as e:
+        raise SpecError([f"label.vocabulary (--vocabulary): {e}"], source="flags") from None
+    names = ", ".join(vocabulary.names[:12]) + (", ..." if len(vocabulary) > 12 else "")
+    say(f"vocabulary: the model's own{f' ({vocabulary.name})' if vocabulary.name else ''}: {names}")
 
 
 def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.label.plan import OutputMismatchError
     from pipeline.label.run import IncompleteRunError, run
 
+    default_vocabulary(spec)
     job = spec.to_job()
-    _connect(args.address)
     try:
-        summary = run(job)
+        with _ray(args):
+            summary = run(job)
     except (IncompleteRunError, OutputMismatchError) as e:
         raise CommandError(str(e)) from e
     if not args.json:
@@ -69,7 +105,23 @@ def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
         print(
             f'next: ebseg query {spec.output} "SELECT label, count(*) AS images FROM segments GROUP BY label"'
         )
+    summary["report"] = _report(spec)
+    if not args.json and summary["report"]:
+        print(f"report: {summary['report']} (open it in a browser)")
     return summary
+
+
+def _report(spec) -> str | None:
+    """Write ``OUTPUT/report.html``; a report that fails is a warning, never a failed run (the labels are
+    committed by then). Returns where it was written (as the user spelled the output), or None."""
+    from pipeline.results.report import REPORT_FILE, write_report
+
+    try:
+        write_report(spec.output, storage_options=spec.storage_options)
+    except Exception as e:  # the run's result stands; say why there is no page
+        say(f"warning: no report.html: {type(e).__name__}: {e}")
+        return None
+    return spec.output.rstrip("/") + "/" + REPORT_FILE
 
 
 def run_train(spec, args: argparse.Namespace) -> dict[str, Any]:
@@ -78,8 +130,8 @@ def run_train(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.train.run import run
 
     job = spec.to_job()
-    _connect(args.address)
-    result = dataclasses.asdict(run(job))
+    with _ray(args):
+        result = dataclasses.asdict(run(job))
     if not args.json:
         print(f"trained {spec.name} to step {result['step']}: {result['run_uri']}")
         print(f"model: {result['final_model_uri']} (use it as --model)")
@@ -90,8 +142,8 @@ def run_eval(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.evaluate.run import METRICS_FILE, run
 
     job = spec.to_job()
-    _connect(args.address)
-    record = run(job)
+    with _ray(args):
+        record = run(job)
     if not args.json:
 
         def pct(value: float | None) -> str:
@@ -111,9 +163,47 @@ RUNNERS = {"label": run_label, "train": run_train, "eval": run_eval}
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args, args.command)
     if args.dry_run:
+        if args.command == "label":
+            default_vocabulary(spec)
         sys.stdout.write(dump_spec(spec))
+        if args.command == "label":
+            sys.stdout.write(_plan_text(spec))
         return 0
     result = RUNNERS[args.command](spec, args)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _plan_text(spec) -> str:
+    """The dry-run's plan, as YAML comments after the spec (the printed text stays a valid spec file)."""
+    from pipeline.label.preview import preview
+
+    try:
+        found = preview(spec.to_job())
+    except (FileNotFoundError, ValueError) as e:
+        return f"# plan: cannot list the input: {e}\n"
+    names = found["vocabulary"]["names"]
+    uncounted = (
+        f" (+ the images of {found['uncounted_shards']} tar/Parquet shards)"
+        if found["uncounted_shards"]
+        else ""
+    )
+    lines = [
+        f"plan: run {found['run_id']}, model {found['model_id']}, device {found['device']}",
+        f"vocabulary: {found['vocabulary']['name'] or found['vocabulary']['id']} ({len(names)} classes: "
+        + ", ".join(names[:10])
+        + (", ..." if len(names) > 10 else "")
+        + ")",
+        f"found: {found['shards']} shards{' (listing stopped here)' if found['truncated'] else ''}, "
+        f"{found['images']} images{uncounted}",
+        f"already committed in {found['output']}: {found['committed']} shards",
+        f"would run: {found['to_run']} shards",
+    ]
+    for shard in found["listed"]:
+        images = "?" if shard["images"] is None else shard["images"]
+        state = "committed" if shard["committed"] else "to run"
+        lines.append(f"  {shard['shard_id']}: {images} images from {shard['first']} ({state})")
+    if found["shards"] > len(found["listed"]):
+        lines.append(f"  ... and {found['shards'] - len(found['listed'])} more shards")
+    return "".join(f"# {line}\n" for line in lines)

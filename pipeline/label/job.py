@@ -26,8 +26,10 @@ class LabelJob(JobModel):
 
     input: Text = Field(description="images, .tar shards or Parquet files: a path, prefix, glob or URI")
     output: Text = Field(description="output directory or URI")
-    vocabulary: VocabularyValue = Field(
-        description="benchmark (ade150, coco171, voc20, pc59, pc459, ade847), a file, or 'cat,dog,tree'"
+    vocabulary: VocabularyValue | None = Field(
+        None,
+        description="benchmark (ade150, coco171, voc20, pc59, pc459, ade847), a file, or 'cat,dog,tree'; "
+        "default: the vocabulary the model was trained on (demo and `ebseg train` checkpoints carry it)",
     )
     model: Text = Field("demo", description="demo | tiny (random weights) | base | large | checkpoint path")
     batch_size: PosInt = Field(4, description="images per model batch")

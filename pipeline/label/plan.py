@@ -55,10 +55,6 @@ class LabelPlan:
         )
 
 
-def _vocabulary(value: str | Vocabulary) -> Vocabulary:
-    return value if isinstance(value, Vocabulary) else Vocabulary.parse(value)
-
-
 def canonical_uri(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """``uri`` spelled one way: absolute local paths, ``s3://bucket/key`` without a trailing slash."""
     fs, path = storage.url_to_fs(uri, storage_options)
@@ -78,8 +74,8 @@ def _identity(job: LabelJob, model: ModelInfo, vocabulary: Vocabulary) -> dict[s
 
 def make_plan(job: LabelJob) -> LabelPlan:
     """Resolve the vocabulary, describe the model (without building it) and fix the run id."""
-    vocabulary = _vocabulary(job.vocabulary)
     model = describe_model(job.model)
+    vocabulary = model.resolve_vocabulary(job.vocabulary)  # omitted: the one the model was trained on
     run_id = job.run_id
     if run_id is None:
         output = canonical_uri(job.output, job.storage_options)

@@ -1,4 +1,5 @@
-"""A progress line for a labelling run: shards and images done, images/s.
+"""A progress line for a labelling run: shards done of those listed, images, images/s, and once the listing
+is complete (the total is known) the estimated time left.
 
 On a terminal the line is rewritten in place (carriage return) a few times a second; elsewhere (Ray job
 logs, CI, files) a plain line is printed every ``interval`` seconds, so logs stay readable.
@@ -22,6 +23,7 @@ class Progress:
         stream: TextIO | None = None,
         interval: float = 5.0,
         enabled: bool = True,
+        listing_complete: bool = True,
     ):
         self.stream = stream if stream is not None else sys.stderr
         self.total_shards = total_shards
@@ -35,16 +37,32 @@ class Progress:
         self._width = 0
         self.shards = 0
         self.images = 0
+        self.listing_complete = listing_complete  # False while a streaming listing may add shards
+
+    def listed(self, total_shards: int, skipped_shards: int, *, complete: bool) -> None:
+        """The listing so far: ``total_shards`` found, ``skipped_shards`` of them already committed;
+        ``complete`` once no more will come."""
+        self.total_shards, self.skipped_shards = total_shards, skipped_shards
+        self.listing_complete = complete
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         rate = self.images / elapsed if elapsed > 0 else 0.0
         done = self.skipped_shards + self.shards
         skipped = f" ({self.skipped_shards} skipped)" if self.skipped_shards else ""
+        listed = "" if self.listing_complete else " listed so far"
         return (
-            f"labelling: {done}/{self.total_shards} shards{skipped}, {self.images} images, "
-            f"{rate:.2f} images/s, {elapsed:.0f} s"
+            f"labelling: {done}/{self.total_shards} shards{listed}{skipped}, {self.images} images, "
+            f"{rate:.2f} images/s, {elapsed:.0f} s{self._eta(elapsed)}"
         )
+
+    def _eta(self, elapsed: float) -> str:
+        """`` , ETA 3m20s`` from the shard rate of this run, once the total is known and a shard is done."""
+        left = self.total_shards - self.skipped_shards - self.shards
+        if not self.listing_complete or self.shards == 0 or left <= 0:
+            return ""
+        seconds = round(elapsed / self.shards * left)
+        return f", ETA {seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f", ETA {seconds}s"
 
     def update(self, *, shards: int = 0, images: int = 0) -> None:
         """Add ``shards`` committed and ``images`` labelled since the last call; print when it is time."""

@@ -192,7 +192,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
         files_per_shard=job.files_per_shard,
         image_column=job.image_column,
     )
-    progress = Progress(total_shards=0, enabled=job.progress)
+    progress = Progress(total_shards=0, enabled=job.progress, listing_complete=False)
     fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
     shards = skipped = 0
     with (
@@ -207,7 +207,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
             todo = [s for s in wave if s.shard_id not in done]
             shards += len(wave)
             skipped += len(wave) - len(todo)
-            progress.total_shards, progress.skipped_shards = shards, skipped
+            progress.listed(shards, skipped, complete=len(wave) < WAVE_SHARDS)  # a short wave ends it
             if not todo:
                 continue
             ensure_ray()
@@ -217,6 +217,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
                 progress.update(images=committer.add(parts))
         report = committer.close()
     report.orphans_deleted += orphans
+    progress.listed(shards, skipped, complete=True)
     progress.close()
     end = time.monotonic()
     # The listing streams alongside the labelling, so "label" covers both; "setup" is model description,

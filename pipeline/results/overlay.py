@@ -1,39 +1,32 @@
-"""Draw a labelled image: class colours blended over the original, class outlines and a legend.
+"""Draw a labelled image: class colours blended over the original, class outlines, and a legend beside it.
 
-``render_overlay`` reads one image's label map from a labelling output (``pipeline.results.query``), reads
-and decodes the original from its ``source_uri`` / ``member`` exactly as the pipeline did
-(``pipeline.label.reading``, ``pipeline.label.decode``, EXIF orientation applied) and writes a PNG of the
-same size.
+Colours come from ``pipeline.results.palette`` (by class name: the same name is the same colour in every
+output). The legend sits in a panel to the right of the picture, never over it; with ``side_by_side`` the
+original is shown to the left of the overlay. ``read_labelled`` reads one image's label map from an open
+labelling output (``pipeline.results.query``) and reads and decodes the original from its ``source_uri`` /
+``member`` exactly as the pipeline did (``pipeline.label.reading``, ``pipeline.label.decode``, EXIF
+orientation applied); ``pipeline.results.show`` writes it as a PNG (``ebseg show``), and
+``LabelOutput.overlay`` returns it as a PIL image.
 """
 
 from __future__ import annotations
 
-import colorsys
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import storage
 from pipeline.label.decode import decode_image
 from pipeline.label.listing import Shard, input_kind
 from pipeline.label.reading import read_shard
-from pipeline.results.query import open_output
+from pipeline.results.palette import RGB, class_color
 
-SWATCH = 10  # legend swatch side, pixels
-PAD = 3
-LEGEND_BACKGROUND = (0, 0, 0)
-LEGEND_TEXT = (255, 255, 255)
-
-
-def class_color(class_id: int) -> tuple[int, int, int]:
-    """A fixed RGB colour for ``class_id``: hues spaced by the golden ratio, so neighbouring ids differ."""
-    hue = (class_id * 0.618033988749895) % 1.0
-    saturation = 0.85 if class_id % 2 == 0 else 0.6
-    r, g, b = colorsys.hsv_to_rgb(hue, saturation, 0.95)
-    return round(r * 255), round(g * 255), round(b * 255)
+SWATCH = 14  # legend swatch side, pixels
+PAD = 6
+GAP = 6  # between the original and the overlay
+PANEL = (255, 255, 255)  # legend and margins: white, with dark text
+TEXT = (20, 20, 20)
 
 
 def boundary(label_map: np.ndarray) -> np.ndarray:
@@ -48,21 +41,20 @@ def boundary(label_map: np.ndarray) -> np.ndarray:
     return edge
 
 
-def _legend(canvas: Image.Image, entries: list[tuple[tuple[int, int, int], str]]) -> None:
-    """Draw ``(colour, name)`` rows in the top-left corner of ``canvas`` (clipped to the image)."""
-    font = ImageFont.load_default()
-    draw = ImageDraw.Draw(canvas)
-    boxes = [draw.textbbox((0, 0), name, font=font) for _, name in entries]
-    row = max(SWATCH, *(b[3] for b in boxes)) + PAD
-    width = PAD + SWATCH + PAD + max(b[2] for b in boxes) + PAD
-    draw.rectangle((0, 0, width - 1, PAD + row * len(entries) - 1), fill=LEGEND_BACKGROUND)
-    for i, (color, name) in enumerate(entries):
-        top = PAD + i * row
-        draw.rectangle((PAD, top, PAD + SWATCH - 1, top + SWATCH - 1), fill=color)
-        draw.text((PAD + SWATCH + PAD, top), name, fill=LEGEND_TEXT, font=font)
+def present_classes(label_map: np.ndarray, no_class: int | None = None) -> list[tuple[int, int]]:
+    """``(class_id, pixels)`` of the classes drawn in ``label_map``, largest area first (ties by id)."""
+    drawn = label_map[label_map >= 0]
+    if no_class is not None:
+        drawn = drawn[drawn != no_class]
+    ids, areas = np.unique(drawn, return_counts=True)
+    return sorted(zip(ids.tolist(), areas.tolist(), strict=True), key=lambda t: (-t[1], t[0]))
 
 
-def draw_overlay(
+def class_name(names: Sequence[str], class_id: int) -> str:
+    return names[class_id] if class_id < len(names) else str(class_id)
+
+
+def blend(
     image: np.ndarray,
     label_map: np.ndarray,
     names: Sequence[str],
@@ -70,11 +62,10 @@ def draw_overlay(
     alpha: float = 0.5,
     no_class: int | None = None,
 ) -> np.ndarray:
-    """uint8 [H, W, 3] ``image`` with ``label_map`` (int [H, W] class ids) drawn over it -> uint8 [H, W, 3].
+    """uint8 [H, W, 3] ``image`` with ``label_map`` (int [H, W] class ids) drawn over it, same size.
 
-    Inside a class region a pixel becomes ``round((1 - alpha) * pixel + alpha * class_color(id))``; the
-    region's boundary pixels take the class colour as is; a legend (swatch + ``names[id]``, classes present
-    only, largest area first) sits in the top-left corner. Negative ids and ``no_class`` are not drawn.
+    Inside a class region a pixel becomes ``round((1 - alpha) * pixel + alpha * class_color(name))``; the
+    region's boundary pixels take the class colour as is. Negative ids and ``no_class`` are not drawn.
     """
     image = np.asarray(image)
     label_map = np.asarray(label_map)
@@ -87,21 +78,69 @@ def draw_overlay(
     drawn = label_map >= 0
     if no_class is not None:
         drawn &= label_map != no_class
-    ids, areas = np.unique(label_map[drawn], return_counts=True)
     out = image.astype(np.float64)
     colors = np.zeros(image.shape, dtype=np.float64)
-    for class_id in ids:
-        colors[label_map == class_id] = class_color(int(class_id))
+    for class_id, _ in present_classes(label_map, no_class):
+        colors[label_map == class_id] = class_color(class_name(names, class_id))
     out[drawn] = (1.0 - alpha) * out[drawn] + alpha * colors[drawn]
     edge = boundary(label_map) & drawn
     out[edge] = colors[edge]
-    result = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    if len(ids) == 0:
-        return result
-    order = sorted(zip(areas.tolist(), ids.tolist(), strict=True), key=lambda t: (-t[0], t[1]))
-    entries = [(class_color(c), names[c] if c < len(names) else str(c)) for _, c in order]
-    canvas = Image.fromarray(result)
-    _legend(canvas, entries)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _font(size: int = 13):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def legend_panel(entries: Sequence[tuple[RGB, str]], height: int) -> Image.Image:
+    """A white panel at least ``height`` tall listing ``(colour, name)`` rows: a swatch with a dark outline,
+    then the name in dark text."""
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), name, font=font) for _, name in entries]
+    row = max(SWATCH, *(b[3] for b in boxes)) + PAD
+    width = PAD + SWATCH + PAD + max(b[2] for b in boxes) + PAD
+    panel = Image.new("RGB", (width, max(height, PAD + row * len(entries))), PANEL)
+    draw = ImageDraw.Draw(panel)
+    for i, (color, name) in enumerate(entries):
+        top = PAD + i * row
+        draw.rectangle((PAD, top, PAD + SWATCH - 1, top + SWATCH - 1), fill=color, outline=(60, 60, 60))
+        draw.text((PAD + SWATCH + PAD, top), name, fill=TEXT, font=font)
+    return panel
+
+
+def draw_overlay(
+    image: np.ndarray,
+    label_map: np.ndarray,
+    names: Sequence[str],
+    *,
+    alpha: float = 0.5,
+    no_class: int | None = None,
+    side_by_side: bool = False,
+) -> np.ndarray:
+    """uint8 [H', W', 3]: ``blend(image, label_map, names)`` with the legend in a panel to its right
+    (classes present only, largest area first) and, with ``side_by_side``, the original to its left.
+
+    The picture's pixels are never covered: the overlay occupies ``[0:H, x0:x0 + W]`` with ``x0 = 0``, or
+    ``W + GAP`` side by side; the canvas is white elsewhere. Without any class there is no legend panel.
+    """
+    overlay = blend(image, label_map, names, alpha=alpha, no_class=no_class)
+    height, width = overlay.shape[:2]
+    pictures = [np.asarray(image), overlay] if side_by_side else [overlay]
+    entries = [
+        (class_color(class_name(names, c)), class_name(names, c))
+        for c, _ in present_classes(label_map, no_class)
+    ]
+    panel = legend_panel(entries, height) if entries else None
+    total = len(pictures) * width + (len(pictures) - 1) * GAP + (panel.width if panel else 0)
+    canvas = Image.new("RGB", (total, max(height, panel.height if panel else 0)), PANEL)
+    for i, picture in enumerate(pictures):
+        canvas.paste(Image.fromarray(picture), (i * (width + GAP), 0))
+    if panel is not None:
+        canvas.paste(panel, (total - panel.width, 0))
     return np.asarray(canvas)
 
 
@@ -125,30 +164,17 @@ def read_source(
     raise FileNotFoundError(f"{source_uri} has no member {member!r}")
 
 
-def render_overlay(
-    output_uri: str,
-    image_id: str,
-    dest: str,
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-    alpha: float = 0.5,
-) -> dict[str, Any]:
-    """Draw image ``image_id`` of the labelling output at ``output_uri`` and write it as a PNG to ``dest``.
-
-    Returns ``{"image_id", "dest", "width", "height", "classes"}`` (``classes``: names drawn, largest area
-    first). KeyError for an id not in the committed shards, ValueError for an image with error status.
-    """
-    with open_output(output_uri, storage_options=storage_options) as out:
-        label_map = out.label_map(image_id)  # raises for unknown ids and error rows
-        source_uri, member = out.con.execute(
-            "SELECT source_uri, member FROM images WHERE image_id = ?", [image_id]
-        ).fetchone()
-        names = list(out.vocabulary.names)
-        fs, root = storage.url_to_fs(output_uri, storage_options)
-        job = storage.read_json(fs, storage.join(root, "job.json"))
-    job = job if isinstance(job, Mapping) else {}
+def read_labelled(out, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(image uint8 [H, W, 3], label_map int32 [H, W])`` of ``image_id`` in the open output ``out``
+    (a ``LabelOutput``): the original read and decoded as the pipeline did. KeyError for an id not in the
+    committed shards, ValueError for an image with error status."""
+    label_map = out.label_map(image_id)  # raises for unknown ids and error rows
+    ((source_uri, member),) = out.con.execute(
+        "SELECT source_uri, member FROM images WHERE image_id = ?", [image_id]
+    ).fetchall()
+    job = out.job
     data = read_source(
-        source_uri, member, storage_options=storage_options, image_column=job.get("image_column", "image")
+        source_uri, member, storage_options=out.storage_options, image_column=job.get("image_column", "image")
     )
     image = decode_image(data, **({"max_pixels": job["max_pixels"]} if job.get("max_pixels") else {}))
     if image.shape[:2] != label_map.shape:
@@ -156,17 +182,4 @@ def render_overlay(
             f"image {image_id!r}: {source_uri} decodes to {image.shape[:2]}, "
             f"its label map is {label_map.shape}"
         )
-    drawn = draw_overlay(image, label_map, names, alpha=alpha)
-    buffer = io.BytesIO()
-    Image.fromarray(drawn).save(buffer, format="PNG")
-    dest_fs, dest_path = storage.url_to_fs(dest, storage_options)
-    storage.write_bytes_atomic(dest_fs, dest_path, buffer.getvalue())
-    ids, areas = np.unique(label_map[label_map >= 0], return_counts=True)
-    order = sorted(zip(areas.tolist(), ids.tolist(), strict=True), key=lambda t: (-t[0], t[1]))
-    return {
-        "image_id": image_id,
-        "dest": dest,
-        "width": int(image.shape[1]),
-        "height": int(image.shape[0]),
-        "classes": [names[c] if c < len(names) else str(c) for _, c in order],
-    }
+    return image, label_map

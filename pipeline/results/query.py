@@ -26,6 +26,7 @@ from pipeline import storage
 from pipeline.layout import (
     IMAGES_SCHEMA,
     JOB_FILE,
+    SUMMARY_FILE,
     VOCABULARY_FILE,
     committed_files,
     decode_label_map,
@@ -52,6 +53,7 @@ class LabelOutput:
 
     def __init__(self, uri: str, *, storage_options: Mapping[str, Any] | None = None, heavy: bool = False):
         self.uri = str(uri)
+        self.storage_options = dict(storage_options) if storage_options else None
         fs, root = storage.url_to_fs(self.uri, storage_options)
         fs.invalidate_cache(root)
         if not fs.exists(storage.join(root, JOB_FILE)):
@@ -146,6 +148,72 @@ class LabelOutput:
         """int32 [height, width] class ids of ``image_id`` (-1 = no class), decoded from its PNG."""
         (data,) = self._image(image_id, "label_map")
         return decode_label_map(data)
+
+    # ------------------------------------------------------------------------------------------- Python API
+
+    def _read_json(self, name: str) -> Any:
+        fs, root = storage.url_to_fs(self.uri, self.storage_options)
+        path = storage.join(root, name)
+        return storage.read_json(fs, path) if fs.exists(path) else None
+
+    @property
+    def job(self) -> dict[str, Any]:
+        """``OUT/job.json``: the run's model, vocabulary, input, settings and run id."""
+        return dict(self._read_json(JOB_FILE) or {})
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """``OUT/summary.json`` of the last finished run (counts, errors by reason, times), or None."""
+        return self._read_json(SUMMARY_FILE)
+
+    def _rows(self, view: str, where: str | None, params, columns, limit, format: str):
+        listing = ", ".join(columns) if columns else "*"
+        query = f"SELECT {listing} FROM {view}" + (f" WHERE {where}" if where else "")
+        query += f" ORDER BY image_id{', class_id' if view == 'segments' else ''}"
+        query += f" LIMIT {int(limit)}" if limit is not None else ""
+        table = self.sql(query, list(params) if params else None)
+        if format == "pandas":
+            return table.to_pandas()
+        if format == "arrow":
+            return table
+        raise ValueError(f"format must be 'pandas' or 'arrow', got {format!r}")
+
+    def images(
+        self,
+        where: str | None = None,
+        params: list[Any] | None = None,
+        *,
+        columns: list[str] | None = None,
+        limit: int | None = None,
+        format: str = "pandas",
+    ):
+        """Rows of the ``images`` view (``where``: an SQL condition, ``$1``... bound from ``params``), ordered
+        by ``image_id``, as a pandas DataFrame or (``format="arrow"``) a pyarrow Table."""
+        return self._rows("images", where, params, columns, limit, format)
+
+    def segments(
+        self,
+        where: str | None = None,
+        params: list[Any] | None = None,
+        *,
+        columns: list[str] | None = None,
+        limit: int | None = None,
+        format: str = "pandas",
+    ):
+        """Rows of the ``segments`` view (one per image and class present), like :meth:`images`:
+        ``out.segments("label = $1 AND area_fraction > 0.1", ["cat"])``."""
+        return self._rows("segments", where, params, columns, limit, format)
+
+    def overlay(self, image_id: str, *, alpha: float = 0.5, side_by_side: bool = True):
+        """``image_id`` drawn with its classes (the original beside it, the legend to the right) as a PIL
+        image, which Jupyter shows inline."""
+        from PIL import Image
+
+        from pipeline.results.overlay import draw_overlay, read_labelled
+
+        image, label_map = read_labelled(self, image_id)
+        drawn = draw_overlay(image, label_map, self.vocabulary.names, alpha=alpha, side_by_side=side_by_side)
+        return Image.fromarray(drawn)
 
     # ------------------------------------------------------------------------------------------- lifetime
 

@@ -81,3 +81,22 @@ def test_describe_model(tmp_path):
     assert other.model_id != a.model_id
     with pytest.raises(FileNotFoundError, match=r"nothing\.pt"):
         zoo.describe_model(str(tmp_path / "nothing.pt"))
+
+
+def test_a_model_labels_with_the_vocabulary_it_carries(tmp_path):
+    from ebseg.data.shapes import SHAPES_CLASSES
+    from ebseg.vocab import Vocabulary
+
+    demo = zoo.describe_model("demo").resolve_vocabulary(None)
+    assert list(demo.names) == list(SHAPES_CLASSES)
+    # What `ebseg train` writes beside the weights is read back without building the model.
+    trained = Vocabulary.parse("cat,dog,tree")
+    path = str(tmp_path / "final.pt")
+    torch.manual_seed(0)
+    checkpoint.save(build_ebseg(get_config("tiny")), path, extra={"vocabulary": trained.to_dict()})
+    assert zoo.describe_model(path).resolve_vocabulary(None).id == trained.id
+    assert zoo.describe_model(path).resolve_vocabulary("voc20").name == "voc20"  # a given one wins
+    # Models without one (random presets, official releases, bare checkpoints) name the accepted forms.
+    for info in (zoo.describe_model("base"), zoo.describe_model(save_tiny(tmp_path / "bare.pt"))):
+        with pytest.raises(zoo.VocabularyRequiredError, match=r"--vocabulary .*ade150.*'cat,dog,tree'"):
+            info.resolve_vocabulary(None)

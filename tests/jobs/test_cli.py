@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from PIL import Image
 from ebseg.data.shapes import write_shapes
 from jobs.cli import build_parser, main
 from jobs.flags import spec_from_args
+from pipeline.results.overlay import GAP
 from pipeline.results.query import open_output
 
 EBSEG = Path(sys.executable).with_name("ebseg")
@@ -46,9 +48,9 @@ def shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def labelled(shapes, tmp_path_factory):
-    """``ebseg label IN OUT --vocabulary FILE`` (demo model, embedded Ray) run once for the module."""
+    """``ebseg label IN OUT`` (demo model, its own vocabulary, embedded Ray) run once for the module."""
     out = tmp_path_factory.mktemp("cli") / "out"
-    result = ebseg("label", str(shapes / "images"), str(out), "--vocabulary", str(shapes / "vocabulary.json"))
+    result = ebseg("label", str(shapes / "images"), str(out))
     return out, result
 
 
@@ -65,18 +67,46 @@ def ground_truth(shapes: Path) -> dict[tuple[str, str], float]:
     return truth
 
 
-def test_label_command_labels_the_images_and_prints_a_summary(labelled):
+def test_label_command_labels_the_images_and_prints_a_summary(labelled, shapes):
     out, result = labelled
     assert result.returncode == 0, result.stderr
     assert f"labelled {COUNT} images" in result.stdout
     assert f"{COUNT} ok, 0 failed" in result.stdout
     assert f"output: {out}" in result.stdout
     assert "effective batch size" in result.stdout
+    # The run's page is written with the output, and the summary ends pointing at it.
+    assert result.stdout.splitlines()[-1].startswith(f"report: {out}/report.html")
+    assert "red circle" in (out / "report.html").read_text()
     assert "started an embedded local Ray" in result.stderr
     assert "labelling: 1/1 shards" in result.stderr  # the progress line
+    # Without --vocabulary the demo model labels with the vocabulary it was trained on.
+    assert "vocabulary: the model's own (shapes): background, red circle" in result.stderr
+    written, truth = (json.loads((p / "vocabulary.json").read_text())["classes"] for p in (out, shapes))
+    assert [c["name"] for c in written] == [c["name"] for c in truth]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] == COUNT and summary["errors"] == 0
     assert len(list((out / "_manifest").glob("*.json"))) == 1
+
+
+RAY_LINE = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\]|^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING|ERROR) "
+)
+
+
+def test_a_run_prints_only_its_own_lines(labelled):
+    """Ray's C++ core (``[date E pid tid] core_worker.cc``) and Ray Data's warnings go to Ray's log files."""
+    _, result = labelled
+    lines = (result.stdout + result.stderr).splitlines()
+    assert [
+        line for line in lines if RAY_LINE.search(line) or ".cc:" in line or "Progress bars" in line
+    ] == []
+    for line in lines:
+        assert line.startswith(("ebseg: ", "labelling: ", "labelled ", "output: ", "next: ", "report: ")), (
+            line
+        )
+    logs = re.search(r"Ray's own log lines: (\S+)", result.stderr)[1]
+    (driver_log,) = Path(logs).glob("ebseg-driver-*.err")
+    assert driver_log.is_file()  # where Ray's lines (the core worker's, Ray Data's warnings) went
 
 
 def test_query_answers_match_the_known_content(labelled, shapes):
@@ -133,10 +163,18 @@ def test_show_writes_an_overlay_of_the_image_size(labelled, tmp_path, capsys):
         )
     dest = tmp_path / "overlay.png"
     assert main(["show", str(out), image_id[:10], "--out", str(dest)]) == 0  # a unique prefix is enough
-    assert f"wrote {dest} ({SIZE[1]}x{SIZE[0]})" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        f"wrote {dest} ({SIZE[1]}x{SIZE[0]} image; " in printed and "original | overlay | legend" in printed
+    )
     drawn, original = Image.open(dest), Image.open(source)
-    assert drawn.format == "PNG" and drawn.size == original.size == (SIZE[1], SIZE[0])
-    assert np.abs(np.asarray(drawn.convert("RGB"), np.int16) - np.asarray(original.convert("RGB"))).mean() > 5
+    height, width = SIZE
+    assert drawn.format == "PNG" and drawn.height == height and drawn.width > 2 * width
+    pixels, plain = np.asarray(drawn.convert("RGB"), np.int16), np.asarray(original.convert("RGB"))
+    assert np.array_equal(pixels[:, :width], plain)  # the original on the left, as it is
+    assert np.abs(pixels[:, width + GAP : 2 * width + GAP] - plain).mean() > 5  # the overlay beside it
+    assert main(["show", str(out), image_id, "--out", str(tmp_path / "alone.png"), "--no-side-by-side"]) == 0
+    assert Image.open(tmp_path / "alone.png").width == drawn.width - width - GAP
 
     # The input's file name names the same image.
     assert main(["show", str(out), Path(source).name, "--out", str(tmp_path / "by_name.png")]) == 0
@@ -213,7 +251,8 @@ BAD_LABEL = "kind: label\ninput: a\noutput: OUT\nvocabulary: x,\n"
 INVALID = [
     (["label", "--spec", "SPEC"], BAD_LABEL + "batch_size: 0\ncolour: red\n",
      ["label.batch_size (--batch-size): must be >= 1 (got 0)", "label.colour: unknown field; allowed:"]),
-    (["label", "IN", "OUT"], None, ["label.vocabulary (--vocabulary): required field is missing"]),
+    (["label", "IN", "OUT", "--model", "tiny"], None,
+     ["label.vocabulary (--vocabulary): model 'tiny' carries no vocabulary", "ade150", "'cat,dog,tree'"]),
     (["label", "IN", "OUT", "--vocabulary", "a,b", "--amp-dtype", "fp8"], None,
      ["label.amp_dtype (--amp-dtype): must be one of 'bf16', 'fp16' or 'fp32' (got 'fp8')"]),
     (["train", "SPEC"], "kind: train\nname: r1\nstorage: OUT\n",
@@ -299,3 +338,20 @@ def test_flags_must_be_spelled_out():
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["label", "in", "out", "--vocab", "a,b"])
     assert exc.value.code == 2
+
+
+def test_dry_run_describes_the_plan_against_the_output(labelled, shapes, capsys):
+    out, _ = labelled
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["label", str(shapes / "images"), str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    from jobs.specs import load_spec
+
+    assert load_spec(printed).vocabulary is None  # still a spec file: the plan is in comments
+    assert f"# found: 1 shards, {COUNT} images" in printed
+    assert f"# already committed in {out}: 1 shards" in printed and "# would run: 0 shards" in printed
+    assert "# vocabulary: shapes (7 classes: background, red circle" in printed
+    assert main(["label", str(shapes / "images"), str(out), "--dry-run", "--files-per-shard", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "# found: 3 shards, 8 images" in printed and "# would run: 3 shards" in printed
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written

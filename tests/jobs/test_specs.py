@@ -96,11 +96,8 @@ def test_a_spec_is_its_job_plus_a_kind(spec_type, job_type):
     """One definition: a spec's fields, defaults and checks are its job's, so both refuse alike."""
     assert issubclass(spec_type, job_type)
     assert set(spec_type.model_fields) == {*job_type.model_fields, "kind"}
-    required = {"label": ("input", "output", "vocabulary"), "train": ("name", "storage", "data")}
-    fields = {
-        name: "x," if name == "vocabulary" else "x"
-        for name in required.get(spec_type.JOB.KIND, ("data", "output"))
-    }
+    required = {"label": ("input", "output"), "train": ("name", "storage", "data")}
+    fields = {name: "x" for name in required.get(spec_type.JOB.KIND, ("data", "output"))}
     bad = {**fields, "batch_size": 0}
     with pytest.raises(SpecError) as from_python:
         job_type(**bad)

@@ -12,9 +12,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ebseg.data.shapes import write_shapes
+from pipeline.label.decode import decode_image
 from pipeline.label.job import LabelJob
 from pipeline.label.run import run
 from pipeline.results.export import export_coco, export_png, safe_name
+from pipeline.results.hf import export_hf
 from pipeline.results.query import open_output
 
 
@@ -116,3 +118,31 @@ def test_safe_name():
     assert safe_name("a/b c") == "a_b_c"
     with pytest.raises(ValueError, match="image_id"):
         safe_name("..")
+
+
+def test_hf_export_round_trips_through_datasets(labelled, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")  # the dev extra; CI installs it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: nothing may be fetched
+    uri, ok, bad, names = labelled
+    dest = tmp_path / "hf"
+    summary = export_hf(uri, str(dest))
+    assert summary["images"] == len(ok) and summary["classes"] == len(names)
+    loaded = datasets.load_dataset(str(dest), split="train", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(loaded.features["image"], datasets.Image)
+    assert isinstance(loaded.features["label"], datasets.Image)
+    id2label = json.loads((dest / "id2label.json").read_text())
+    assert id2label == {str(i): n for i, n in enumerate(names)}
+    assert sorted(loaded["image_id"]) == ok and bad not in loaded["image_id"]
+    with open_output(uri) as out:
+        for row in loaded:
+            label = np.asarray(row["label"]).astype(np.int32)
+            expected = out.label_map(row["image_id"])
+            assert np.array_equal(
+                np.where(label == 255, -1, label), expected
+            )  # label maps equal the output's
+            with open(row["source_uri"], "rb") as f:
+                assert np.array_equal(np.asarray(row["image"].convert("RGB")), decode_image(f.read()))
+    # The plain Parquet loader reads the same features from the files' own metadata.
+    files = sorted(str(p) for p in (dest / "data").glob("*.parquet"))
+    plain = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "c2"))
+    assert plain.features == loaded.features and len(plain) == len(ok)

@@ -12,8 +12,10 @@ from ebseg.data.shapes import write_shapes
 from pipeline.label.decode import decode_image
 from pipeline.label.job import LabelJob
 from pipeline.label.run import run
-from pipeline.results.overlay import PAD, SWATCH, boundary, class_color, draw_overlay, render_overlay
+from pipeline.results.overlay import GAP, SWATCH, blend, boundary, draw_overlay
+from pipeline.results.palette import COLOR_WORDS, NEUTRAL, class_color, text_color
 from pipeline.results.query import open_output
+from pipeline.results.show import render_overlay
 
 NAMES = ["sky", "grass", "road", "unused"]
 
@@ -32,48 +34,60 @@ def _blend(pixel: np.ndarray, color: tuple[int, int, int], alpha: float) -> np.n
     return np.rint((1 - alpha) * pixel.astype(np.float64) + alpha * np.array(color)).astype(np.uint8)
 
 
-def _legend_box(out: np.ndarray) -> tuple[int, int]:
-    """(height, width) of the legend: its black background runs down column 0 and along row 0."""
-    black = np.all(out == 0, axis=-1)
-    return int(np.argmin(black[:, 0])), int(np.argmin(black[0, :]))
-
-
-def test_draw_overlay_blends_outlines_and_keeps_size():
+def test_blend_colours_by_name_outlines_and_keeps_size():
     image, labels = _scene()
-    out = draw_overlay(image, labels, NAMES, alpha=0.4)
+    out = blend(image, labels, NAMES, alpha=0.4)
     assert out.shape == image.shape and out.dtype == np.uint8
-    height, width = _legend_box(out)
-    assert 3 * SWATCH < height < 60 and SWATCH < width < 80
     edge = boundary(labels)
-    for y, x in [(20, 70), (57, 30), (44, 49), (62, 78)]:  # interior pixels away from the legend
-        assert not edge[y, x] and (y >= height or x >= width)
-        assert np.array_equal(out[y, x], _blend(image[y, x], class_color(int(labels[y, x])), 0.4))
-    # Unlabelled pixels outside the legend and away from the outlines are untouched.
-    assert np.array_equal(out[62, 2], image[62, 2]) and np.array_equal(out[62, 38], image[62, 38])
+    for y, x in [(20, 70), (57, 30), (44, 49), (62, 78), (2, 42)]:  # interior pixels, the corner included
+        assert not edge[y, x]
+        assert np.array_equal(out[y, x], _blend(image[y, x], class_color(NAMES[labels[y, x]]), 0.4))
+    # Unlabelled pixels away from the outlines are untouched, the top-left corner too: no legend over it.
+    for y, x in [(62, 2), (62, 38), (0, 0), (5, 5)]:
+        assert np.array_equal(out[y, x], image[y, x])
     # Outlines: the class colour as is (road's square border, grass's lower edge).
     for y, x in [(40, 45), (49, 54), (59, 20), (58, 34)]:
-        assert edge[y, x] and (y >= height or x >= width)
-        assert tuple(out[y, x]) == class_color(int(labels[y, x]))
-    assert np.array_equal(out, draw_overlay(image, labels, NAMES, alpha=0.4))
+        assert edge[y, x] and tuple(out[y, x]) == class_color(NAMES[labels[y, x]])
+    # A colour follows the class name, not its id: the same names in another order draw the same picture.
+    order = [2, 0, 1, 3]
+    remapped = np.where(labels >= 0, np.argsort(order)[np.maximum(labels, 0)], -1)
+    assert np.array_equal(blend(image, remapped, [NAMES[i] for i in order], alpha=0.4), out)
 
 
-def test_draw_overlay_legend_lists_present_classes_by_area():
+def test_draw_overlay_puts_the_legend_beside_the_picture():
     image, labels = _scene()
-    out = draw_overlay(image, labels, NAMES)
-    row_swatches = []
-    height, width = _legend_box(out)
-    legend = out[:height, :width]
-    for color in (class_color(0), class_color(1), class_color(2)):
-        hits = np.argwhere(np.all(legend == color, axis=-1))
-        assert len(hits) >= SWATCH * SWATCH, color
-        row_swatches.append(hits[:, 0].min())
-    assert row_swatches == sorted(row_swatches)  # sky, grass, road: largest area first
-    assert row_swatches[0] == PAD
-    assert not np.all(out == class_color(3), axis=-1).any()  # "unused" is not drawn
+    height, width = labels.shape
+    out = draw_overlay(image, labels, NAMES, side_by_side=True)
+    assert np.array_equal(out[:height, :width], image)  # the original, untouched
+    assert np.array_equal(out[:height, width + GAP : 2 * width + GAP], blend(image, labels, NAMES))
+    legend = out[:, 2 * width + GAP :]
+    assert legend.shape[1] > SWATCH and np.all(legend[:, -1] == 255)  # a white panel to the right
+    rows = []
+    for name in ("sky", "grass", "road"):  # present classes, largest area first
+        hits = np.argwhere(np.all(legend == class_color(name), axis=-1))
+        assert len(hits) >= (SWATCH - 2) ** 2, name
+        rows.append(hits[:, 0].min())
+    assert rows == sorted(rows) and rows[0] > 0
+    assert not np.all(legend == class_color("unused"), axis=-1).any()  # absent classes are not listed
+    alone = draw_overlay(image, labels, NAMES)
+    assert np.array_equal(alone[:height, :width], blend(image, labels, NAMES))
+    assert alone.shape[1] == out.shape[1] - width - GAP
     # no_class: id 2 is left alone, so its swatch and its blend disappear.
     skipped = draw_overlay(image, labels, NAMES, no_class=2)
-    assert not np.all(skipped == class_color(2), axis=-1).any()
+    assert not np.all(skipped == class_color("road"), axis=-1).any()
     assert np.array_equal(skipped[44, 49], image[44, 49])
+
+
+def test_colours_read_as_their_names_and_stay_apart():
+    assert (
+        class_color("red circle") == COLOR_WORDS["red"] and class_color("Blue  Square") == COLOR_WORDS["blue"]
+    )
+    assert class_color("background") == NEUTRAL
+    names = ["cat", "dog", "tree", "car", "person", "road", "building", "sky"]
+    colors = [class_color(n) for n in names]
+    assert len(set(colors)) == len(names) and colors == [class_color(n) for n in names]  # stable
+    assert all(text_color(c) in ((0, 0, 0), (255, 255, 255)) for c in colors)
+    assert text_color((255, 255, 0)) == (0, 0, 0) and text_color((0, 0, 128)) == (255, 255, 255)
 
 
 def test_draw_overlay_without_classes_and_bad_input():
@@ -135,16 +149,15 @@ def test_render_overlay_end_to_end(outputs, kind, tmp_path):
     dest = tmp_path / "overlay" / "x.png"
     info = render_overlay(outputs[kind], row["image_id"], str(dest), alpha=0.5)
     written = np.asarray(Image.open(dest).convert("RGB"))
-    assert written.shape == plain.shape and (info["height"], info["width"]) == plain.shape[:2]
-    assert np.array_equal(written, draw_overlay(plain, labels, names, alpha=0.5))
+    assert (info["height"], info["width"]) == plain.shape[:2] and info["canvas"] == [
+        written.shape[1],
+        written.shape[0],
+    ]
+    assert np.array_equal(written, draw_overlay(plain, labels, names, alpha=0.5, side_by_side=True))
     present = {names[c] for c in np.unique(labels[labels >= 0])}
     assert set(info["classes"]) == present and present
-    changed = np.any(written != plain, axis=-1)
-    # Only labelled pixels and the legend corner change; every labelled pixel outside the legend does
-    # (or would, unless its colour already equals the blend: count those as allowed).
-    legend_rows, legend_cols = np.nonzero(changed & (labels < 0))
-    assert legend_rows.max(initial=-1) < PAD + 20 * len(present) and legend_cols.max(initial=-1) < 128
-    assert changed[labels >= 0].mean() > 0.95
+    with open_output(outputs[kind]) as out:
+        assert np.array_equal(np.asarray(out.overlay(row["image_id"])), written)  # the Python API's picture
     assert not list(tmp_path.glob("overlay/*.tmp-*"))  # written atomically, no temporary left
 
 

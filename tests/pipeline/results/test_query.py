@@ -172,3 +172,25 @@ def test_output_without_committed_shards_has_empty_views(labelled, tmp_path):
         segments = out.sql("SELECT * FROM segments")
         assert segments.num_rows == 0 and segments.column_names == ["image_id", *SEGMENT_COLUMNS]
         assert out.class_histogram() == [] and out.images_with("red circle") == []
+
+
+def test_python_api_returns_frames_and_tables(output_uri, labelled):
+    import pandas as pd
+
+    _, truth = labelled
+    with open_output(output_uri) as out:
+        frame = out.images()
+        assert isinstance(frame, pd.DataFrame) and sorted(frame["image_id"]) == sorted(truth)
+        assert list(frame["image_id"]) == sorted(truth)  # ordered by image_id
+        names = out.vocabulary.names
+        red = names.index("red circle")
+        expected = sorted(
+            i for i, (_, lm) in truth.items() if (lm == red).mean() > 0.05
+        )  # from the decoded label maps, not from the view
+        table = out.segments("label = $1 AND area_fraction > $2", ["red circle", 0.05], format="arrow")
+        assert isinstance(table, pa.Table) and table.column("image_id").to_pylist() == expected
+        few = out.images("num_segments >= $1", [1], columns=["image_id", "width"], limit=2)
+        assert list(few.columns) == ["image_id", "width"] and len(few) == 2
+        assert out.job["model"] == "demo" and out.summary["images"] == len(truth)
+        with pytest.raises(ValueError, match="format must be"):
+            out.images(format="polars")
