@@ -187,7 +187,7 @@ TRAIN = ["train", "--name", "r", "--storage", "s", "--data", "d"]
     ("argv", "problem"),
     [
         ([*TRAIN, "--lr", "inf"], r"train\.lr \(--lr\): must be a finite number"),
-        ([*TRAIN, "--weight-decay", "nan"], r"train\.weight_decay \(--weight-decay\): must be a finite"),
+        ([*TRAIN, "--weight-decay", "nan"], r"train\.weight_decay \(--weight-decay\): must be (>= 0|a fin)"),
         (["label", "i", "o", "--vocabulary", "a,b", "--storage-option", "secret=hunter2"],
          r"storage_options\.secret \(--storage-option\): looks like a credential"),
         (["label", "i", "o", "--vocabulary", "a,b", "--storage-option", "a=[1"],
