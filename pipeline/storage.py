@@ -19,7 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 # ``scheme://user:password@`` (ftp, sftp, http basic auth, a MinIO endpoint): what precedes the ``@`` in a
 # URL's authority is a credential, the user name included (for S3 it would be the access key id).
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]+@")
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s'\"]+@")
 
 
 def redact(text: Any) -> str:

@@ -72,6 +72,7 @@ def write_photos(fs, root: str, count: int = 3) -> None:
 def test_redact_hides_user_and_password_of_every_url():
     text = f"cannot read ftp://bob:{URL_PASSWORD}@host:21/a and s3://{KEY_ID}:{SECRET}@bucket/k, s3://b/x@y"
     assert storage.redact(text) == "cannot read ftp://***@host:21/a and s3://***@bucket/k, s3://b/x@y"
+    assert storage.redact("http://h?q=a@b https://h#x@y") == "http://h?q=a@b https://h#x@y"  # not userinfo
 
 
 def test_label_on_s3_with_credentials_in_storage_options_writes_none(ray_local, s3_server, tmp_path, capfd):
