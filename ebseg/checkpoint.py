@@ -14,10 +14,12 @@ open_clip caches), ``ebseg.zoo`` (what a ``--model`` value names: tiny, demo, ba
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
 import uuid
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +38,7 @@ from ebseg.official import (
 )
 
 __all__ = [
+    "CheckpointError",
     "CheckpointMismatchError",
     "LoadReport",
     "convert_official_state_dict",
@@ -53,7 +56,12 @@ VERSION = 1
 _SHOWN = 10  # names listed per kind in an error message
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: truncated or corrupt, of another format, or of another model.
+    The message names the file."""
+
+
+class CheckpointMismatchError(CheckpointError, RuntimeError):
     """A state dict does not fit the model: missing, unexpected or mis-shaped entries."""
 
 
@@ -94,11 +102,23 @@ def read_object(uri: str, map_location=None) -> object:
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"{uri} holds objects other than tensors and plain containers, which "
             f"torch.load(weights_only=True) refuses ({first}). A detectron2 file may carry optimizer or "
             "scheduler objects: if you trust it, re-save only its weights: "
             "torch.save(torch.load(path, weights_only=False)['model'], new_path)."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, OSError, zipfile.BadZipFile) as e:
+        # What torch.load raises for a file cut short (an interrupted write or upload) or for other bytes:
+        # "PytorchStreamReader failed reading zip archive", EOFError, a KeyError of a stray opcode, EINVAL
+        # from seeking to a zip directory before the start of a short file. Other I/O errors stay as they are.
+        if isinstance(e, OSError) and e.errno != errno.EINVAL:
+            raise
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise CheckpointError(
+            f"{uri} is truncated or not a checkpoint ({type(e).__name__}: {first}); "
+            "an interrupted write leaves such a file: use an earlier checkpoint or write it again"
         ) from None
 
 
@@ -222,7 +242,7 @@ def load(uri: str, *, map_location="cpu", strict: bool = True) -> nn.Module:
     obj = read_object(uri, map_location)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         if obj.get("version") != VERSION:
-            raise ValueError(
+            raise CheckpointError(
                 f"{uri} is ebseg checkpoint version {obj.get('version')!r}; "
                 f"this ebseg reads version {VERSION}"
             )
@@ -231,7 +251,7 @@ def load(uri: str, *, map_location="cpu", strict: bool = True) -> nn.Module:
         return to_device(model, map_location)
     state = unwrap_state_dict(obj)
     if not is_official_state_dict(state):
-        raise ValueError(
+        raise CheckpointError(
             f"{uri} is neither an ebseg checkpoint (no 'format': 'ebseg' entry) nor an official EBSeg one; "
             "a bare state dict carries no config: build the model yourself and call load_into(model, state)"
         )

@@ -7,9 +7,13 @@ import os
 import sys
 import warnings
 
+from pipeline.storage import redact
+
 EXIT_FAILED, EXIT_USAGE = 1, 2
 # Errors a user can act on: printed as one line, no traceback.
-JOB_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, ValueError, KeyError)
+JOB_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, PermissionError, ConnectionError, ValueError, KeyError
+)  # fmt: skip
 
 
 class CommandError(RuntimeError):
@@ -17,7 +21,8 @@ class CommandError(RuntimeError):
 
 
 def say(message: str) -> None:
-    print(f"ebseg: {message}", file=sys.stderr, flush=True)
+    # Messages quote URIs (errors above all): a URL's user:password@ never reaches the terminal or a log.
+    print(f"ebseg: {redact(message)}", file=sys.stderr, flush=True)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -92,8 +92,12 @@ def spec_from_args(args: argparse.Namespace, kind: str):
     source = "flags"
     if getattr(args, "spec", None):
         data, path = read_spec_data(args.spec)
+        path = path or "spec text"  # --spec given the YAML / JSON itself
         if not isinstance(data, Mapping):
             raise SpecError([f"spec: must be a mapping of fields, got {type(data).__name__}"], source=path)
+        if data.get("kind", kind) not in tuple(SPEC_TYPES):  # a tuple: a list or a mapping is no key
+            choices = ", ".join(SPEC_TYPES)
+            raise SpecError([f"kind: must be one of {choices} (got {data['kind']!r})"], source=path)
         if data.get("kind", kind) != kind:
             problem = f"kind: this is a {data['kind']!r} spec; run it with `ebseg {data['kind']}`"
             raise SpecError([problem], source=path)

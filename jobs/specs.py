@@ -168,7 +168,7 @@ def read_spec_data(path_or_text: str | os.PathLike[str]) -> tuple[Any, str | Non
     if isinstance(path_or_text, os.PathLike) or ("\n" not in text and not text.lstrip().startswith("{")):
         path = Path(path_or_text)
         if not path.is_file():
-            raise SpecError([f"{path}: no such spec file"])
+            raise SpecError([f"spec: no such spec file: {path}"])
         text, source = path.read_text(encoding="utf-8"), str(path)
     try:
         # JSON is read as JSON (exact errors); everything else as YAML (a superset of JSON).

@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidat
 from pydantic_core import PydanticCustomError
 
 from ebseg.vocab import Vocabulary
+from pipeline import storage
 
 
 class SpecError(ValueError):
@@ -62,7 +63,9 @@ def _vocabulary(value: Any) -> Any:
     if isinstance(value, Vocabulary):
         return value
     if isinstance(value, list | tuple):
-        names = [str(n).strip() for n in value]
+        if not all(isinstance(n, str) for n in value):  # 1 or {a: b} in a list is a mistake, not a name
+            raise PydanticCustomError("vocabulary", "a list of names must hold strings only")
+        names = [n.strip() for n in value]
         if not names or not all(names) or any("," in n for n in names):
             raise PydanticCustomError("vocabulary", "a list of names must be non-empty, names without ','")
         return ",".join(names) + ("," if len(names) == 1 else "")
@@ -84,14 +87,20 @@ def _storage_options(value: Any) -> Any:
         key, sep, text = str(item).partition("=")
         if not sep or not key.strip():  # the item is not echoed: it may hold a secret
             raise PydanticCustomError("storage_option", "item {i} is not KEY=VALUE", {"i": i})
-        out[key.strip()] = yaml.safe_load(text) if text else ""
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:  # the value is not echoed either
+            raise PydanticCustomError(
+                "storage_option", "item {i}: the value after '=' is not a YAML scalar or list", {"i": i}
+            ) from None
     return out
 
 
 PosInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 NonNegInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
-PosFloat = Annotated[float, BeforeValidator(_no_bool), Field(gt=0)]
-NonNegFloat = Annotated[float, BeforeValidator(_no_bool), Field(ge=0)]
+# inf and nan pass a bound check ("inf" > 0) yet mean nothing as a rate, a count or a size.
+PosFloat = Annotated[float, BeforeValidator(_no_bool), Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, allow_inf_nan=False)]
 Text = Annotated[str, Field(min_length=1)]
 Actors = Annotated[int | tuple[int, int], BeforeValidator(_actors), Field()]
 # A Vocabulary.parse value: a benchmark name, a file, or "cat,dog,tree" (a YAML list is accepted too); from
@@ -127,6 +136,7 @@ _TYPE_MESSAGES = {
     "int_from_float": "an integer",
     "float_parsing": "a number",
     "float_type": "a number",
+    "finite_number": "a finite number",
     "bool_parsing": "true or false",
     "bool_type": "true or false",
     "string_type": "a string",
@@ -144,6 +154,16 @@ def dotted(loc: Sequence[Any]) -> str:
     return out
 
 
+class _Echo:
+    """An input quoted in an error line: its repr with any URL's ``user:password@`` redacted."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return storage.redact(repr(self.value))
+
+
 def _problem(err: Mapping[str, Any], models: Mapping[str, type[BaseModel]], kind: str | None) -> list[str]:
     """One pydantic error -> lines ``"kind.field: what is wrong (got ...)"``."""
     loc = list(err["loc"])
@@ -151,7 +171,7 @@ def _problem(err: Mapping[str, Any], models: Mapping[str, type[BaseModel]], kind
         loc.insert(0, kind)  # a single model's errors (no union tag in the location)
     ctx = err.get("ctx") or {}
     kind = loc[0] if loc and loc[0] in models else kind
-    path, etype, got = dotted(loc), err["type"], err.get("input")
+    path, etype, got = dotted(loc), err["type"], _Echo(err.get("input"))
     if etype == "credential_field":
         lines = [f"{dotted([*loc, p])}: looks like a credential" for p in ctx["paths"]]
         return [*lines, f"credentials: {ctx['hint']}"]

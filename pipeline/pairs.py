@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from ebseg.data.labels import decode_label
+from ebseg.data.labels import IGNORE_INDEX, decode_label
 from ebseg.vocab import Vocabulary
 from pipeline import storage
 from pipeline.storage import full_uri, url_to_fs
@@ -146,25 +146,59 @@ def _list_folder(uri: str, fs, images_dir: str, labels_dir: str) -> PairListing:
 # ------------------------------------------------------------------------------------------------ decoding
 
 
+# Why a pair cannot train: the ``reason`` of a :class:`PairError` (training skips and counts them by reason).
+PAIR_PROBLEMS = ("unreadable", "size_mismatch", "class_out_of_range", "all_ignore")
+
+
+class PairError(ValueError):
+    """One image/label pair that cannot train; ``reason`` is one of :data:`PAIR_PROBLEMS`."""
+
+    def __init__(self, image_id: str, reason: str, message: str) -> None:
+        super().__init__(f"{image_id}: {message}")
+        self.image_id, self.reason = image_id, reason
+
+
 def decode_pair(
     image_bytes: bytes, label_bytes: bytes, *, image_id: str = "pair"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Encoded image and label files -> image uint8 [H, W, 3] RGB and label int32 [H, W] (-1 = ignore).
 
     The image's EXIF orientation is applied, as detectron2's reader does; the label must then have its size.
+    Raises :class:`PairError` ("unreadable" or "size_mismatch").
     """
     try:
         with Image.open(io.BytesIO(image_bytes)) as img:
             image = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     except Exception as e:  # Pillow raises several unrelated types for corrupt files
-        raise ValueError(f"{image_id}: cannot decode the image ({type(e).__name__}: {e})") from e
-    label = decode_label(label_bytes, name=image_id)
+        raise PairError(image_id, "unreadable", f"cannot decode the image ({type(e).__name__}: {e})") from e
+    try:
+        label = decode_label(label_bytes, name=image_id)
+    except ValueError as e:
+        raise PairError(image_id, "unreadable", str(e).removeprefix(f"{image_id}: ")) from e
     if label.shape != image.shape[:2]:
-        raise ValueError(
-            f"{image_id}: image is {image.shape[0]}x{image.shape[1]} but its label is "
-            f"{label.shape[0]}x{label.shape[1]} (height x width)"
+        raise PairError(
+            image_id,
+            "size_mismatch",
+            f"image is {image.shape[0]}x{image.shape[1]} but its label is "
+            f"{label.shape[0]}x{label.shape[1]} (height x width)",
         )
     return image, label
+
+
+def check_label(label: np.ndarray, num_classes: int, *, image_id: str = "pair") -> None:
+    """Raise :class:`PairError` when a label [H, W] (-1 = ignore) cannot train a ``num_classes`` model:
+    a class id outside 0..num_classes-1 ("class_out_of_range"), or no labelled pixel ("all_ignore")."""
+    labelled = label[label != IGNORE_INDEX]
+    if labelled.size == 0:
+        raise PairError(image_id, "all_ignore", "every pixel of the label is ignore (nothing to learn)")
+    high, low = int(labelled.max()), int(labelled.min())
+    if high >= num_classes or low < 0:
+        bad = high if high >= num_classes else low
+        raise PairError(
+            image_id,
+            "class_out_of_range",
+            f"label holds class id {bad}, outside the vocabulary's 0..{num_classes - 1}",
+        )
 
 
 def iter_pairs(

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+# ``scheme://user:password@`` (ftp, sftp, http basic auth, a MinIO endpoint): what precedes the ``@`` in a
+# URL's authority is a credential, the user name included (for S3 it would be the access key id).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s'\"]+@")
+
+
+def redact(text: Any) -> str:
+    """``text`` (str() of it) with the user and password of every ``scheme://user:password@host`` URL in it
+    replaced by ``***``: the one helper for messages, logs and records that may quote a URI."""
+    return _USERINFO.sub(r"\g<scheme>***@", str(text))
 
 
 def url_to_fs(

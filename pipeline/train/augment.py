@@ -15,7 +15,15 @@ import numpy as np
 import pyarrow as pa
 
 from ebseg.data.transforms import AugmentConfig, augment, augment_config
-from pipeline.pairs import PairListing, decode_pair, folder_dataset, list_pairs, parquet_dataset
+from pipeline.pairs import (
+    PairError,
+    PairListing,
+    check_label,
+    decode_pair,
+    folder_dataset,
+    list_pairs,
+    parquet_dataset,
+)
 
 
 def pair_rng(seed: int, epoch: int, image_id: str) -> np.random.Generator:
@@ -26,17 +34,30 @@ def pair_rng(seed: int, epoch: int, image_id: str) -> np.random.Generator:
 
 class AugmentBatch:
     """``map_batches`` callable: rows {image_id, image, label (bytes)[, epoch]} -> training rows
-    {"image_id": str, "epoch": int64, "image": uint8 [3, S, S], "label": int32 [S, S]}, S = crop size.
+    {"image_id": str, "epoch": int64, "image": uint8 [3, S, S], "label": int32 [S, S], "problem": str},
+    S = crop size.
 
     The epoch of a row is its ``epoch`` column when the batch has one, else the constructor's ``epoch``;
     each row is augmented with :func:`pair_rng` (seed, epoch, image_id), so the output does not depend on
     batching, order or worker, and a resumed run repeats it exactly.
+
+    A pair that cannot train (``pipeline.pairs.PairError``: unreadable, sizes differ, and with
+    ``num_classes`` a class id outside the vocabulary or an all-ignore label) is kept as a row whose
+    ``problem`` names the reason (zeros for pixels), so the consumer counts what it skips; good rows have
+    ``problem == ""``.
     """
 
-    def __init__(self, config: AugmentConfig | str, seed: int, epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        config: AugmentConfig | str,
+        seed: int,
+        epoch: int | None = None,
+        num_classes: int | None = None,
+    ) -> None:
         self.config = augment_config(config)
         self.seed = int(seed)
         self.epoch = epoch
+        self.num_classes = num_classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
@@ -46,19 +67,35 @@ class AugmentBatch:
             epochs = [int(self.epoch)] * len(ids)
         else:
             raise ValueError("AugmentBatch needs an 'epoch' column or an epoch argument")
-        images, labels = [], []
+        size = self.config.crop_size
+        images, labels, problems = [], [], []
         for image_id, epoch, image_bytes, label_bytes in zip(ids, epochs, batch["image"], batch["label"]):
-            image, label = decode_pair(image_bytes, label_bytes, image_id=image_id)
+            try:
+                image, label = decode_pair(image_bytes, label_bytes, image_id=image_id)
+                if self.num_classes is not None:
+                    check_label(label, self.num_classes, image_id=image_id)
+            except PairError as e:
+                images.append(np.zeros((3, size, size), np.uint8))
+                labels.append(np.zeros((size, size), np.int32))
+                problems.append(e.reason)
+                continue
             image, label = augment(image, label, self.config, pair_rng(self.seed, epoch, image_id))
             images.append(image)
             labels.append(label)
-        size = self.config.crop_size
+            problems.append("")
         return {
             "image_id": np.asarray(ids, dtype=object),
             "epoch": np.asarray(epochs, dtype=np.int64),
             "image": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
             "label": np.stack(labels) if labels else np.zeros((0, size, size), np.int32),
+            "problem": np.asarray(problems, dtype=object),
         }
+
+
+def good_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``map_batches``: the rows of :class:`AugmentBatch` output that can train."""
+    keep = np.asarray([not p for p in batch["problem"]], dtype=bool)
+    return {key: value[keep] for key, value in batch.items()}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -118,7 +155,7 @@ def build_train_dataset(
         fn_constructor_kwargs={"config": config, "seed": seed},
         batch_size=batch_size,
         compute=compute,
-    )
+    ).map_batches(good_rows, batch_format="numpy")
     ds.context.execution_options.preserve_order = ordered  # this dataset's own context copy
     return ds
 

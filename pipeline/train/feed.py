@@ -14,6 +14,11 @@ tasks on CPU.
   split deterministic; the iterators go to the other workers through Ray Train's broadcast. Resuming
   re-reads the epoch and drops the consumed batches.
 
+Bad pairs (``pipeline.train.bad_pairs``) leave the stream after augmentation: each worker re-batches its
+good rows, and before every batch the workers agree (a min all-reduce) that all of them have one, so an
+epoch ends for all at once however the bad pairs fell. A folder-layout worker records how many of its pairs
+it read (``Position.offsets``), so resuming reads none of the consumed pairs again.
+
 The datasets are built here, per epoch, rather than handed to ``TorchTrainer(datasets=...)``: a dataset
 given to the trainer re-executes identically every epoch, so it cannot carry a per-epoch order that a
 resumed run rebuilds. Augmentation runs as tasks, not an actor pool: a pool starts fresh processes at every
@@ -22,18 +27,26 @@ epoch's execution (about 12 s each on a 2-core machine); tasks reuse Ray's idle 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import ray.data
 import ray.train
 import ray.train.collective
+import torch
+import torch.distributed as dist
 
 from pipeline.pairs import PairListing, list_pairs, read_folder_batch, read_parquet_file
 from pipeline.train.augment import AugmentBatch, epoch_seed
+from pipeline.train.bad_pairs import TALLY_KEYS, EpochTally, rebatch
+from pipeline.train.state import Position
 
 READ_BATCH = 32  # pairs read per task
+logger = logging.getLogger(__name__)
 
 
 def worker_pairs(listing: PairListing, *, seed: int, epoch: int, rank: int, world: int, batch_size: int):
@@ -48,77 +61,138 @@ def worker_pairs(listing: PairListing, *, seed: int, epoch: int, rank: int, worl
     return [listing.pairs[k] for k in order[rank::world][:per_worker]]
 
 
-def _augment(ds, job, epoch: int):
+@dataclass(frozen=True)
+class FeedBatch:
+    epoch: int
+    index: int  # micro-batch index in the epoch
+    data: dict  # {"image_id": [B] str, "epoch": [B] int64, "image": [B, 3, S, S] uint8, "label": [B, S, S]}
+
+
+def _augment(ds, job, epoch: int, num_classes: int):
     # An instance, not the class: Ray Data runs a callable object as tasks.
-    augment = AugmentBatch(job.augment_config(), job.seed, epoch=epoch)
+    augment = AugmentBatch(job.augment_config(), job.seed, epoch=epoch, num_classes=num_classes)
     ds = ds.map_batches(augment, batch_size=job.batch_size)
     ds.context.execution_options.preserve_order = True  # a deterministic order (and split)
     ds.context.enable_progress_bars = False  # one bar per worker and epoch would flood the job's log
     return ds
 
 
-def _batches_of(data, batch_size: int) -> Iterator[dict]:
-    """Whole numpy batches of a Dataset or DataIterator, in order."""
-    return data.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2)
+def _chunks(data, batch_size: int) -> Iterator[dict]:
+    """Numpy chunks of a Dataset or DataIterator, in order (the last one may be short)."""
+    return data.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
 
 
-def _folder_batches(job, listing: PairListing, epoch: int, skip: int) -> Iterator[dict]:
-    context = ray.train.get_context()
-    pairs = worker_pairs(
-        listing,
-        seed=job.seed,
-        epoch=epoch,
-        rank=context.get_world_rank(),
-        world=context.get_world_size(),
-        batch_size=job.batch_size,
-    )[skip * job.batch_size :]
-    if not pairs:
-        return
-    rows = [{"image_id": i, "image_uri": a, "label_uri": b} for i, a, b in pairs]
-    options = {"storage_options": dict(job.storage_options or {})}
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // READ_BATCH, 1000)))
-    ds = _augment(ds.map_batches(read_folder_batch, batch_size=READ_BATCH, fn_kwargs=options), job, epoch)
-    yield from ds.iter_batches(
-        batch_size=job.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2
-    )
+def _sum_over_workers(values: list[int], *, op=None) -> list[int]:
+    """All-reduce (sum, or ``op``) of small integer vectors across the workers (identity on one)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=ray.train.torch.get_device())
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return [int(v) for v in tensor.tolist()]
 
 
-def _parquet_batches(job, listing: PairListing, epoch: int, skip: int) -> Iterator[dict]:
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    ref = None
-    if rank == 0:
-        items = [{"file": f} for f in listing.files]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            read_parquet_file, batch_size=1, fn_kwargs={"storage_options": dict(job.storage_options or {})}
-        )
-        ds = _augment(ds.random_shuffle(seed=epoch_seed(job.seed, epoch)), job, epoch)
-        ref = ray.put(ds.streaming_split(world, equal=True) if world > 1 else [ds.iterator()])
-    if world > 1:
-        ref = ray.train.collective.broadcast_from_rank_zero([ref])[0]
-    shard = ray.get(ref)[rank]
-    stream = shard.iter_batches(
-        batch_size=job.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2
-    )
-    for index, batch in enumerate(stream):
-        if index >= skip:
-            yield batch
+class WorkerFeed:
+    """One worker's batches from a position on, epoch after epoch, forever (iterate it)."""
 
+    def __init__(self, job, *, num_classes: int, position: Position) -> None:
+        context = ray.train.get_context()
+        self.job, self.num_classes = job, num_classes
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.listing = list_pairs(job.data, storage_options=dict(job.storage_options or {}))  # once per run
+        self.epoch, self.batch = position.epoch, position.batch
+        legacy = position.batch * job.batch_size  # checkpoints without offsets: no pair was skipped
+        self.offset = position.offsets[self.rank] if position.offsets else legacy
+        # The tally so far is the sum over the workers: it resumes on rank 0 alone.
+        self.tally = EpochTally.from_counts(position.tally if self.rank == 0 else {})
+        self.finished: list[dict] = []  # metrics of epochs ended since the last call of pop_finished
 
-def train_batches(job, *, epoch: int, batch: int) -> Iterator[tuple[int, int, dict]]:
-    """(epoch, index in the epoch, numpy batch) from position (epoch, batch) on, epoch after epoch, forever.
+    def state(self) -> dict:
+        """Position fields of the data (offsets of every worker, the epoch's tally); all ranks call it."""
+        one_hot = [0] * self.world
+        one_hot[self.rank] = self.offset
+        offsets = tuple(_sum_over_workers(one_hot))
+        tally = dict(zip(TALLY_KEYS, _sum_over_workers(self.tally.vector())))
+        return {"offsets": offsets, "tally": {k: v for k, v in tally.items() if v}}
 
-    Batches: {"image_id": [B] str, "epoch": [B] int64, "image": [B, 3, S, S] uint8, "label": [B, S, S] int32}.
-    """
-    listing = list_pairs(job.data, storage_options=dict(job.storage_options or {}))  # once per run
-    feed = _folder_batches if listing.layout == "folder" else _parquet_batches
-    skip = batch
-    while True:
-        produced = 0
-        for index, data in enumerate(feed(job, listing, epoch, skip), start=skip):
-            produced += 1
-            yield epoch, index, data
-        if produced == 0 and skip == 0:
-            raise RuntimeError(f"epoch {epoch} of {job.data} gave this worker no batch of {job.batch_size}")
-        epoch, skip = epoch + 1, 0
+    def restore(self, position: Position) -> Position:
+        return dataclasses.replace(position, **self.state())
+
+    def pop_finished(self) -> dict:
+        """The metrics fields of the epochs that ended since the last call (the newest wins)."""
+        out = {}
+        for record in self.finished:
+            out.update(record)
+        self.finished = []
+        return out
+
+    def __iter__(self) -> Iterator[FeedBatch]:
+        while True:
+            stream = self._epoch_stream()
+            produced = 0
+            while True:
+                item = next(stream, None)
+                if _sum_over_workers([int(item is not None)], op=dist.ReduceOp.MIN)[0] == 0:
+                    break  # some worker has no batch left: the epoch ends for all
+                data, self.offset = item
+                produced += 1
+                index, self.batch = self.batch, self.batch + 1
+                yield FeedBatch(self.epoch, index, data)
+            stream.close()
+            self._end_epoch(started_fresh=produced == 0 and self.batch == 0)
+
+    def _end_epoch(self, *, started_fresh: bool) -> None:
+        total = EpochTally.from_counts(dict(zip(TALLY_KEYS, _sum_over_workers(self.tally.vector()))))
+        total.examples = self.tally.examples
+        if total.bad and self.rank == 0:
+            logger.warning(
+                "epoch %d: skipped %d bad pairs of %d (%s)",
+                self.epoch, total.bad, sum(total.counts.values()), ", ".join(total.examples),
+            )  # fmt: skip
+        total.check(self.epoch, self.job.data)
+        if started_fresh:
+            raise RuntimeError(
+                f"epoch {self.epoch} of {self.job.data} gave a worker no batch of {self.job.batch_size}"
+            )
+        self.finished.append(total.as_record(self.epoch))
+        self.epoch, self.batch, self.offset, self.tally = self.epoch + 1, 0, 0, EpochTally()
+
+    def _epoch_stream(self) -> Iterator[tuple[dict, int]]:
+        if self.listing.layout == "folder":
+            return self._folder_stream()
+        return self._parquet_stream()
+
+    def _folder_stream(self) -> Iterator[tuple[dict, int]]:
+        job = self.job
+        pairs = worker_pairs(
+            self.listing, seed=job.seed, epoch=self.epoch, rank=self.rank, world=self.world,
+            batch_size=job.batch_size,
+        )[self.offset :]  # fmt: skip
+        if not pairs:
+            return
+        rows = [{"image_id": i, "image_uri": a, "label_uri": b} for i, a, b in pairs]
+        options = {"storage_options": dict(job.storage_options or {})}
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // READ_BATCH, 1000)))
+        ds = ds.map_batches(read_folder_batch, batch_size=READ_BATCH, fn_kwargs=options)
+        ds = _augment(ds, job, self.epoch, self.num_classes)
+        yield from rebatch(_chunks(ds, job.batch_size), job.batch_size, self.tally, start=self.offset)
+
+    def _parquet_stream(self) -> Iterator[tuple[dict, int]]:
+        job, rank, world = self.job, self.rank, self.world
+        ref = None
+        if rank == 0:
+            items = [{"file": f} for f in self.listing.files]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            ds = ds.map_batches(
+                read_parquet_file,
+                batch_size=1,
+                fn_kwargs={"storage_options": dict(job.storage_options or {})},
+            )
+            ds = _augment(
+                ds.random_shuffle(seed=epoch_seed(job.seed, self.epoch)), job, self.epoch, self.num_classes
+            )
+            ref = ray.put(ds.streaming_split(world, equal=True) if world > 1 else [ds.iterator()])
+        if world > 1:
+            ref = ray.train.collective.broadcast_from_rank_zero([ref])[0]
+        shard = ray.get(ref)[rank]
+        # Pairs of a split cannot be fetched one by one: re-read the epoch and drop the consumed batches.
+        yield from rebatch(_chunks(shard, job.batch_size), job.batch_size, self.tally, skip=self.batch)

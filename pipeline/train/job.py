@@ -97,5 +97,7 @@ class TrainJob(JobModel):
         return config if self.crop_size is None else config.with_crop_size(self.crop_size)
 
     def to_dict(self) -> dict[str, Any]:
-        """The job as ``job.json`` stores it (JSON types)."""
-        return self.model_dump(mode="json")
+        """The job as ``job.json`` stores it (JSON types): never the storage options, which may carry
+        credentials (from Python nothing refuses them), and no URL's ``user:password@``."""
+        fields = self.model_dump(mode="json", exclude={"storage_options"})
+        return {k: storage.redact(v) if isinstance(v, str) else v for k, v in fields.items()}

@@ -22,11 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ebseg.checkpoint import CheckpointError
 from pipeline import storage
 from pipeline.cluster import ensure_ray
 from pipeline.pairs import pairs_vocabulary
+from pipeline.train.bad_pairs import BadPairsError
+from pipeline.train.faults import FailureInjection
 from pipeline.train.job import TrainJob
-from pipeline.train.worker import FailureInjection, train_loop_per_worker
+from pipeline.train.worker import train_loop_per_worker
 
 # Fields that may differ when a run is resumed: they change how it is run and watched, not what it learns
 # (the worker count is not one of them: the data position counts batches per worker).
@@ -75,10 +78,24 @@ def ray_storage(uri: str, storage_options: Mapping[str, Any] | None = None):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _job_error(error: Exception) -> Exception:
+    """A worker's own refusal (bad pairs, an unusable checkpoint: ValueErrors naming the data or file) in
+    place of Ray Train's wrapper, so the user reads the reason; any other failure stays as Ray raised it."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        for _ in range(8):  # down Ray's wrappers (``cause``) and Python's chain
+            if failure is None:
+                break
+            ours = type(failure).__module__.split(".")[0] in ("pipeline", "ebseg")
+            if ours and isinstance(failure, (BadPairsError, CheckpointError)):
+                return failure
+            failure = getattr(failure, "cause", None) or failure.__cause__
+    return error
+
+
 def run(job: TrainJob, *, inject_failure: FailureInjection | None = None) -> TrainResult:
     """Train (or resume) ``job`` on the current Ray cluster (a local one is started when none is).
 
-    inject_failure: a test hook (``pipeline.train.worker.FailureInjection``), never a job setting.
+    inject_failure: a test hook (``pipeline.train.faults.FailureInjection``), never a job setting.
     """
     import ray
     import ray.train
@@ -103,7 +120,10 @@ def run(job: TrainJob, *, inject_failure: FailureInjection | None = None) -> Tra
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _job_error(e) from e
     returned = result.return_value or {}
     checkpoint_uri = None
     if result.checkpoint is not None:

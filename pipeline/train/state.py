@@ -12,12 +12,13 @@ import json
 import os
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ebseg import checkpoint as ebseg_checkpoint
+from ebseg.config import EBSegConfig
 from pipeline import storage
 
 MODEL_FILE = "model.pt"
@@ -27,11 +28,19 @@ STATE_FILE = "train_state.pt"
 @dataclass(frozen=True)
 class Position:
     """Where a run stands: optimiser steps done, and the data position of every worker (each consumed
-    ``batch`` micro-batches of epoch ``epoch``; the next one is ``batch``)."""
+    ``batch`` micro-batches of epoch ``epoch``; the next one is ``batch``).
+
+    Bad pairs are skipped, so ``batch`` alone does not say how far into its pairs a worker read:
+    ``offsets[rank]`` does (pairs of the epoch read by each worker, folder layout; empty in checkpoints from
+    before it, where ``batch`` x batch size is exact). ``tally``: the epoch's pairs seen so far by all
+    workers, good and bad by reason (``pipeline.train.bad_pairs``), so a resumed epoch still counts them all.
+    """
 
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    offsets: tuple[int, ...] = ()
+    tally: dict[str, int] = field(default_factory=dict)
 
 
 def save_train_checkpoint(
@@ -67,14 +76,39 @@ def load_train_checkpoint(
     into the given objects; returns the position to continue from. The weights must fit exactly."""
     context = checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else nullcontext(checkpoint)
     with context as directory:
-        weights = ebseg_checkpoint.read_state(os.path.join(directory, MODEL_FILE))
-        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        model_file, state_file = os.path.join(directory, MODEL_FILE), os.path.join(directory, STATE_FILE)
+        stored = ebseg_checkpoint.read_object(model_file, map_location="cpu")
+        state = ebseg_checkpoint.read_object(state_file, map_location="cpu")
+    _check_same_model(stored, model, model_file)
+    weights = stored["state_dict"]
+    if not isinstance(state, Mapping) or not {"optimizer", "scheduler", "position"} <= state.keys():
+        raise ebseg_checkpoint.CheckpointError(f"{state_file} is not a training state file of ebseg")
     ebseg_checkpoint.load_into(model, weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16 AMP
         scaler.load_state_dict(state["scaler"])
-    return Position(**state["position"])
+    position = dict(state["position"])
+    position["offsets"] = tuple(position.get("offsets", ()))
+    return Position(**position)
+
+
+def _check_same_model(stored: Any, model: torch.nn.Module, file: str) -> None:
+    """Refuse a model file of another format or architecture before its weights meet the model."""
+    if not isinstance(stored, Mapping) or stored.get("format") != ebseg_checkpoint.FORMAT:
+        raise ebseg_checkpoint.CheckpointError(f"{file} is not an ebseg checkpoint (no 'format': 'ebseg')")
+    try:  # through the config class, so an older checkpoint's spelling of the same model compares equal
+        theirs = EBSegConfig.from_dict(stored.get("config") or {}).to_dict()
+    except (TypeError, ValueError, KeyError) as e:
+        raise ebseg_checkpoint.CheckpointError(f"{file} holds no readable model config ({e})") from None
+    ours = model.config.to_dict()
+    changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in changed[:5])
+        raise ebseg_checkpoint.CheckpointError(
+            f"{file} was written by another model ({details}); "
+            "a run resumes only from its own checkpoints: start a new run under another name"
+        )
 
 
 class MetricsLog:

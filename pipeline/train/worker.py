@@ -10,12 +10,10 @@ calls ``ray.train.report`` at the same steps (it is a barrier).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -32,8 +30,10 @@ from ebseg.losses import Targets, build_criterion, count_masks, text_affinity, t
 from ebseg.precision import autocast_dtype
 from ebseg.pretrained import load_clip_pretrained, load_sam_checkpoint
 from ebseg.vocab import Vocabulary
+from ebseg.zoo import load_model
 from pipeline import storage
-from pipeline.train.feed import train_batches
+from pipeline.train.faults import FailureInjection, maybe_fail_checkpoint, maybe_fail_step
+from pipeline.train.feed import FeedBatch, WorkerFeed
 from pipeline.train.job import TrainJob
 from pipeline.train.optim import (
     build_optimizer,
@@ -42,24 +42,18 @@ from pipeline.train.optim import (
     optimizer_params,
     set_trainable,
 )
-from pipeline.train.state import MetricsLog, Position, load_train_checkpoint, save_train_checkpoint
-
-
-@dataclass(frozen=True)
-class FailureInjection:
-    """For tests and drills: worker ``rank`` fails once when it starts step ``step`` (1-based), after writing
-    ``marker`` (a local path: JSON with the step and the image ids of the batch it had drawn); a marker that
-    exists already disarms it, so the restarted run passes. ``mode``: "raise" or "exit" (``os._exit``)."""
-
-    step: int
-    marker: str
-    rank: int = 0
-    mode: str = "raise"
+from pipeline.train.state import (
+    MODEL_FILE,
+    MetricsLog,
+    Position,
+    load_train_checkpoint,
+    save_train_checkpoint,
+)
 
 
 def build_model(job: TrainJob) -> torch.nn.Module:
-    """The model a run starts from: a preset (random weights, plus CLIP/SAM initial weights when named)
-    or an existing checkpoint."""
+    """The model a run starts from: a preset (random weights, plus CLIP/SAM initial weights when named),
+    the shipped demo model, or an existing checkpoint."""
     if job.model in PRESETS:
         model = build_ebseg(job.model)
         if job.clip_pretrained is not None:
@@ -71,7 +65,7 @@ def build_model(job: TrainJob) -> torch.nn.Module:
         raise ValueError(
             "clip_pretrained / sam_checkpoint apply to a preset, not to a checkpoint to start from"
         )
-    return ebseg_checkpoint.load(job.model)
+    return load_model(job.model)  # demo, or a checkpoint path / URI
 
 
 def step_generator(job: TrainJob, step: int, rank: int, micro: int) -> torch.Generator:
@@ -87,17 +81,6 @@ def mean_over_workers(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
-
-
-def maybe_fail(fault: FailureInjection | None, step: int, rank: int, image_ids: list[str]) -> None:
-    """The test hook :class:`FailureInjection`."""
-    if fault is None or fault.step != step or fault.rank != rank or os.path.exists(fault.marker):
-        return
-    with open(fault.marker, "w") as f:
-        json.dump({"step": step, "image_ids": image_ids}, f)
-    if fault.mode == "exit":
-        os._exit(1)
-    raise RuntimeError(f"injected failure at step {step} on rank {rank}")
 
 
 class Trainer:
@@ -121,11 +104,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.criterion = build_criterion(job.loss)
         self.position = Position()
+        self.resumed_from: int | None = None  # the step of the checkpoint this worker restored
         restored = ray.train.get_checkpoint()
         if restored is not None:
             self.position = load_train_checkpoint(
                 restored, self.model, self.optimizer, self.scheduler, self.scaler
             )
+            self.resumed_from = self.position.step
+        self.feed = WorkerFeed(job, num_classes=len(vocabulary), position=self.position)
         # After restoring: the embeddings come from the weights the run continues with. The text encoder
         # never trains, so encoding the vocabulary once is exact.
         self.class_embeddings = self.model.text.encode_names(vocabulary.names)  # [K, D]
@@ -162,7 +148,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         return {name: value.detach() for name, value in terms.items()}
 
-    def step(self, data: Iterator[tuple[int, int, dict]]) -> dict:
+    def step(self, data: Iterator[FeedBatch]) -> dict:
         """One optimiser step over ``grad_accumulation`` micro-batches; returns its log record."""
         job, step = self.job, self.position.step + 1
         start = time.perf_counter()
@@ -171,15 +157,15 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         first_id = None
         for micro in range(job.grad_accumulation):
-            epoch, index, batch = next(data)
-            ids = [str(i) for i in batch["image_id"]]
+            fed = next(data)
+            ids = [str(i) for i in fed.data["image_id"]]
             first_id = first_id or ids[0]
             if micro == 0:
-                maybe_fail(self.fault, step, self.rank, ids)
-            terms = self.micro_step(batch, step, micro, sync=micro == job.grad_accumulation - 1)
+                maybe_fail_step(self.fault, step, self.rank, ids)
+            terms = self.micro_step(fed.data, step, micro, sync=micro == job.grad_accumulation - 1)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value / job.grad_accumulation
-            self.position = Position(step=self.position.step, epoch=epoch, batch=index + 1)
+            self.position = Position(step=self.position.step, epoch=fed.epoch, batch=fed.index + 1)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(optimizer_params(self.optimizer), job.clip_grad_norm)
         self.scaler.step(self.optimizer)
@@ -203,6 +189,9 @@ class Trainer:
             first_image_id=first_id,
             time=time.time(),
         )
+        record.update(self.feed.pop_finished())  # bad pairs of the epochs that ended
+        if self.resumed_from is not None:
+            record["resumed_from"], self.resumed_from = self.resumed_from, None
         return record
 
 
@@ -220,8 +209,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
         validator = Validator(job, vocabulary, trainer.device, trainer.amp_dtype)
     record: dict = {"step": trainer.position.step}
-    position = trainer.position
-    data = train_batches(job, epoch=position.epoch, batch=position.batch)
+    data = iter(trainer.feed)
     while trainer.position.step < job.steps:
         record = trainer.step(data)
         step = record["step"]
@@ -251,9 +239,11 @@ def _scalars(record: dict) -> dict:
 
 
 def report_checkpoint(trainer: Trainer, record: dict, log: MetricsLog | None) -> None:
-    """Write the checkpoint on rank 0 and report it (every rank reports: it is a barrier)."""
+    """Write the checkpoint on rank 0 and report it (every rank reports: it is a barrier), then wait until
+    Ray Train has registered it: a worker that dies later must not take the newest checkpoint with it."""
     step = trainer.position.step
     name = f"checkpoint_{step:08d}"
+    position = trainer.feed.restore(trainer.position)  # every rank: it gathers the workers' offsets
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if trainer.rank == 0:
@@ -263,9 +253,18 @@ def report_checkpoint(trainer: Trainer, record: dict, log: MetricsLog | None) ->
                 optimizer=trainer.optimizer,
                 scheduler=trainer.scheduler,
                 scaler=trainer.scaler,
-                position=trainer.position,
+                position=position,
                 extra={"vocabulary": trainer.vocabulary.to_dict(), "run": trainer.job.name},
             )
             log.flush()  # the metrics up to this checkpoint are in storage before it counts
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        maybe_fail_checkpoint(
+            trainer.fault,
+            step,
+            trainer.rank,
+            local_file=os.path.join(tmp, MODEL_FILE),
+            destination=storage.join(trainer.job.run_uri, name, MODEL_FILE),
+            storage_options=trainer.job.storage_options,
+        )
         ray.train.report(_scalars(record), checkpoint=checkpoint, checkpoint_dir_name=name)
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

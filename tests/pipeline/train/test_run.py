@@ -18,11 +18,11 @@ from ebseg.data.shapes import write_shapes
 from jobs.cli import build_parser
 from jobs.flags import spec_from_args
 from pipeline import storage
+from pipeline.train.faults import FailureInjection
 from pipeline.train.job import TrainJob
 from pipeline.train.optim import poly_lr
 from pipeline.train.run import check_job_file, run
 from pipeline.train.state import read_metrics
-from pipeline.train.worker import FailureInjection
 
 SIZE = 64  # shapes images and crops
 COUNT = 24  # 2 workers x batch 2: 6 steps per epoch
