@@ -1,4 +1,4 @@
-"""Adaptive balancing of the three class distributions at inference, and semantic inference.
+"""Adaptive balancing of the three class distributions at inference (semantic inference: ``postprocess``).
 
 Each mask query gets a K-way class distribution from embeddings A (decoder), B (CLIP recognition head)
 and D (mask-pooled frozen CLIP-Surgery features). They are mixed geometrically with exponents that differ
@@ -48,8 +48,3 @@ def class_weights(class_probs: torch.Tensor) -> torch.Tensor:
     kept because it shifts the weights slightly.
     """
     return torch.log(class_probs + EPS).softmax(-1)[..., :-1]
-
-
-def semantic_map(weights: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """weights: [Q, K]; mask_logits: [Q, H, W] -> per-class scores [K, H, W] = sum_q w[q, k] sigmoid(m[q])."""
-    return torch.einsum("qk,qhw->khw", weights, mask_logits.sigmoid())

@@ -20,14 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ebseg.balance import balance_class_probs, class_weights, semantic_map
+from ebseg.balance import balance_class_probs, class_weights
 from ebseg.model import EBSeg
+from ebseg.postprocess import semantic_labels, semantic_probabilities
 from ebseg.resize import resize_image, resized_shape
 from ebseg.vocab import Vocabulary
-
-# Output rows handled at once when resizing masks to the original size: bounds memory to
-# about Q * BAND_ROWS * width floats whatever the image size.
-BAND_ROWS = 64
 
 
 @dataclass
@@ -51,16 +48,6 @@ def _check_image(image: object) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {desc}")
-
-
-def _bilinear_taps(n_in: int, n_out: int, device: torch.device):
-    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis."""
-    scale = n_in / n_out
-    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
-    lo = src.floor().long().clamp(max=n_in - 1)
-    hi = (lo + 1).clamp(max=n_in - 1)
-    w_hi = src - lo
-    return lo, hi, 1 - w_hi, w_hi
 
 
 class Segmenter:
@@ -205,39 +192,16 @@ class Segmenter:
     ) -> Prediction:
         """weights: [Q, K]; masks: [Q, h, w] logits at the model's input size (unpadded).
 
-        Resizes the mask logits to ``size`` (bilinear, align_corners=False, before semantic inference, as
-        the reference) band by band, so memory stays bounded for large originals.
+        The mask logits are resized to ``size`` before semantic inference, as the reference does
+        (``ebseg.postprocess``); the full [K, H, W] map is computed only when probabilities are asked for.
         """
-        height, width = size
-        num_classes = weights.shape[1]
-        rows = _bilinear_taps(masks.shape[1], height, masks.device)
-        cols = _bilinear_taps(masks.shape[2], width, masks.device)
-        same_size = tuple(masks.shape[1:]) == (height, width)
-        labels = torch.empty(height, width, dtype=torch.int32, device=masks.device)
-        score_sum = torch.zeros(num_classes, dtype=torch.float64, device=masks.device)
-        probabilities = (
-            torch.empty(num_classes, height, width, dtype=torch.float32) if return_probabilities else None
-        )
-        for r0 in range(0, height, BAND_ROWS):
-            r1 = min(r0 + BAND_ROWS, height)
-            if same_size:
-                band = masks[:, r0:r1]
-            else:
-                lo, hi, w_lo, w_hi = (t[r0:r1] for t in rows)
-                band = masks[:, lo] * w_lo[:, None] + masks[:, hi] * w_hi[:, None]
-                c_lo, c_hi, cw_lo, cw_hi = cols
-                band = band[:, :, c_lo] * cw_lo + band[:, :, c_hi] * cw_hi
-            sem = semantic_map(weights, band)
-            top, arg = sem.max(dim=0)
-            labels[r0:r1] = arg.to(torch.int32)
-            score_sum.index_add_(0, arg.flatten(), top.flatten().double())
-            if probabilities is not None:
-                probabilities[:, r0:r1] = sem.cpu()
-        areas = torch.bincount(labels.flatten().long(), minlength=num_classes)
-        scores = torch.where(areas > 0, score_sum / areas.clamp(min=1), torch.zeros_like(score_sum))
+        if return_probabilities:
+            labels, scores, areas, probabilities = semantic_probabilities(weights, masks, size)
+        else:
+            (labels, scores, areas), probabilities = semantic_labels(weights, masks, size), None
         return Prediction(
             label_map=labels.cpu().numpy(),
-            scores=scores.float().cpu().numpy(),
+            scores=scores.cpu().numpy(),
             areas=areas.cpu().numpy().astype(np.int64),
             probabilities=None if probabilities is None else probabilities.numpy(),
         )

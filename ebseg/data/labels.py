@@ -9,11 +9,15 @@ the class id) and 8/16-bit TIFFs (ADE-847's full-set labels) read the same way.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
 
 IGNORE_INDEX = -1
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 IGNORE_8BIT = 255
 IGNORE_16BIT = 65535
@@ -84,17 +88,28 @@ def to_stored(label: np.ndarray, *, bits: int | None = None) -> np.ndarray:
     return out
 
 
+def _chunk(tag: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+
 def encode_stored(stored: np.ndarray, *, compress_level: int = 6) -> bytes:
     """uint8 / uint16 [H, W] label-file values (:func:`to_stored`) -> PNG bytes, 8- or 16-bit grayscale.
 
-    compress_level: zlib level; 1 is ~3x faster than the default 6 on label maps (long runs of one value)
-    and within 10-20 % of its size.
+    Written directly rather than through Pillow, whose adaptive row filters cost more than they save on
+    label maps (long runs of one value): rows are unfiltered and deflated at ``compress_level``; 8-bit maps
+    use zlib's run-length strategy, 2x faster than level 1 there and smaller. Any PNG reader decodes them.
     """
     if stored.ndim != 2 or stored.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"expected a uint8/uint16 [H, W] label map, got {stored.dtype} {stored.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(stored)).save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+    height, width = stored.shape
+    bits = stored.dtype.itemsize * 8
+    rows = np.zeros((height, 1 + width * stored.dtype.itemsize), np.uint8)  # column 0: filter type 0 (none)
+    rows[:, 1:] = stored.astype(">u2" if bits == 16 else np.uint8).view(np.uint8).reshape(height, -1)
+    strategy = zlib.Z_RLE if bits == 8 else zlib.Z_DEFAULT_STRATEGY
+    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, strategy)
+    data = deflate.compress(rows.data) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)  # grayscale, no interlace
+    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
 def encode_label(label: np.ndarray, *, bits: int | None = None, compress_level: int = 6) -> bytes:

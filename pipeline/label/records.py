@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pycocotools import mask as mask_utils
 
 from ebseg.data.labels import encode_stored, label_bits, to_stored
+from pipeline.label.rle import class_masks
 from pipeline.layout import IMAGES_SCHEMA
 
 # The PNG compression level of label maps: 1 is ~3x faster than zlib's default 6 on label maps and within
@@ -53,30 +53,19 @@ def segments(labels: np.ndarray, scores: np.ndarray, names: Sequence[str]) -> li
     scores: [K] float mean probability of each class over its pixels (``Prediction.scores``).
     """
     height, width = labels.shape
-    no_class = np.iinfo(labels.dtype).max
-    counts = np.bincount(labels.ravel(), minlength=len(names))
-    out = []
-    for class_id in np.flatnonzero(counts):
-        if class_id == no_class:
-            continue
-        mask = labels == class_id
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-        area = int(counts[class_id])
-        x, y = int(cols[0]), int(rows[0])
-        out.append(
-            {
-                "class_id": int(class_id),
-                "label": names[class_id],
-                "area": area,
-                "area_fraction": area / (height * width),
-                "score": float(scores[class_id]),
-                "bbox": [x, y, int(cols[-1]) - x + 1, int(rows[-1]) - y + 1],
-                "rle": rle["counts"].decode("ascii"),
-            }
-        )
-    return out
+    masks = class_masks(labels)
+    return [
+        {
+            "class_id": int(class_id),
+            "label": names[class_id],
+            "area": int(area),
+            "area_fraction": int(area) / (height * width),
+            "score": float(scores[class_id]),
+            "bbox": [int(v) for v in box],
+            "rle": rle,
+        }
+        for class_id, area, box, rle in zip(masks.class_ids, masks.areas, masks.boxes, masks.rles)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- records

@@ -116,3 +116,20 @@ def test_label_depth_limits():
         label_bits(70000)
     with pytest.raises(ValueError, match="uint8/uint16"):
         encode_stored(np.zeros((4, 4), np.int32))
+
+
+@pytest.mark.parametrize("compress_level", [0, 1, 9])
+@pytest.mark.parametrize("num_classes", [150, 847])
+def test_png_of_real_photo_maps_reads_back_in_pillow(photos, compress_level, num_classes):
+    """Label maps with a photo's structure (quantised colours) decode to the same values, in the same
+    Pillow mode, as Pillow's own PNG of them; every row length, odd widths and one-pixel maps included."""
+    image = photos[1][:, :-1]  # coffee, 400 x 599
+    ids = ((image.astype(np.int64) * 6) // 256) @ np.array([36, 6, 1])
+    stored = to_stored(ids % num_classes, bits=label_bits(num_classes))
+    for array in (stored, stored[:1], stored[:, :1], stored[:1, :1]):
+        ours, pillows = io.BytesIO(encode_stored(array, compress_level=compress_level)), io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(array)).save(pillows, format="PNG")
+        with Image.open(ours) as a, Image.open(pillows) as b:
+            assert (a.format, a.mode, a.size) == ("PNG", b.mode, b.size)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            np.testing.assert_array_equal(np.asarray(a), array)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ebseg.build import build_ebseg
-from ebseg.predictor import Segmenter, _bilinear_taps, resize_image, resized_shape
+from ebseg.postprocess import bilinear_taps
+from ebseg.predictor import Segmenter, resize_image, resized_shape
 from ebseg.vocab import Vocabulary
 
 
@@ -91,7 +92,7 @@ def test_resize_rule_matches_detectron2():
 def test_band_resize_taps_match_interpolate(n_in, n_out):
     """The band-wise resize to the original size reproduces F.interpolate(bilinear, align_corners=False)."""
     x = torch.randn(3, n_in, 17)
-    lo, hi, w_lo, w_hi = _bilinear_taps(n_in, n_out, x.device)
+    lo, hi, w_lo, w_hi = bilinear_taps(n_in, n_out, x.device)
     ours = x[:, lo] * w_lo[:, None] + x[:, hi] * w_hi[:, None]
     ref = F.interpolate(x[None], size=(n_out, 17), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

@@ -185,6 +185,33 @@ def test_decode_images_without_resize_keeps_the_original(photos):
     assert np.array_equal(out["image"][0], photos[1])
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpegs_decode_at_a_reduced_scale_for_the_model(photos, orientation):
+    """A JPEG over twice the model's input size is decoded at 1/2..1/8 scale (draft mode) and then resized:
+    the model image has the same shape and nearly the same pixels; the original size is the header's."""
+    big = np.asarray(Image.fromarray(photos[1]).resize((1200, 800), Image.BILINEAR))  # coffee, 800 x 1200
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(big, "JPEG", quality=95, exif=exif.tobytes())
+    full = decode_image(data)
+    height, width = full.shape[:2]
+    assert (height, width) == ((800, 1200) if orientation == 1 else (1200, 800))
+    step = DecodeImages(96, 2560)
+    image, got_height, got_width = step.decode_one(data)
+    exact = resize_image(full, resized_shape(height, width, 96, 2560))
+    assert (got_height, got_width) == (height, width) and image.shape == exact.shape
+    assert not np.array_equal(image, exact)  # decoded at a reduced scale, so not bit-equal ...
+    assert np.abs(image.astype(int) - exact).mean() < 2.5  # ... but the same picture
+    # Smaller than twice the model's size: decoded in full, bit-equal to decode + resize.
+    assert np.array_equal(
+        DecodeImages(500, 2560).decode_one(data)[0], resize_image(full, image_shape(500, full))
+    )
+
+
+def image_shape(short_side: int, image: np.ndarray) -> tuple[int, int]:
+    return resized_shape(*image.shape[:2], short_side, 2560)
+
+
 def test_ray_reads_and_decodes_every_image_once(ray_local, s3_server, photos, tmp_path):
     from pipeline.label.listing import list_shards
     from pipeline.label.reading import ReadShard
