@@ -129,13 +129,13 @@ class EBSeg(nn.Module):
         if self.training:
             logits_b = []
             for mask_embed in dec.mask_embeds:
-                bias = self.decoder.attn_bias(mask_embed, dec.attn_features)
+                bias = self.decoder.attn_bias(mask_embed, dec.attn_hidden)
                 emb_b, _ = self.clip.recognize(clip_features, bias, num_sos=num_sos)
                 logits_b.append(torch.einsum("bqc,nc->bqn", emb_b, classifier))
             return EBSegOutput(dec.pred_masks, logits_a, logits_b, dec.embeddings)
 
         # Inference: only the last prediction is used, so the recognition head runs once.
-        bias = self.decoder.attn_bias(dec.mask_embeds[-1], dec.attn_features)
+        bias = self.decoder.attn_bias(dec.mask_embeds[-1], dec.attn_hidden)
         emb_b, dense = self.clip.recognize(clip_features, bias, num_sos=num_sos)
         masks = F.interpolate(dec.pred_masks[-1], size=dense.shape[-2:], mode="bilinear")
         pooled = mask_pool(dense, masks, threshold_on_logits=False)  # not renormalised: empty -> 0

@@ -86,13 +86,12 @@ class ClipVisual(nn.Module):
         heads = self.num_heads
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
         q, k, v = qkv.reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        scale = (c // heads) ** -0.5
+        if bias is not None:
+            bias = bias.to(q.dtype)  # the kernel wants the mask in the dtype autocast gave q
 
         def attend(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-            logits = (query @ key.transpose(-2, -1)) * scale
-            if bias is not None:
-                logits = logits + bias
-            out = logits.softmax(dim=-1) @ v
+            # softmax(q k^T / sqrt(hd) + bias) v in one fused kernel (the default scale is CLIP's).
+            out = F.scaled_dot_product_attention(query, key, v, attn_mask=bias)
             return attn.out_proj(out.transpose(1, 2).reshape(b, t, c))
 
         return attend(q, k), (attend(v, v) if surgery else None)

@@ -72,12 +72,11 @@ class MSDeformAttnEncoderLayer(nn.Module):
         src: torch.Tensor,
         pos: torch.Tensor,
         reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
     ) -> torch.Tensor:
-        """src, pos: [B, N, C]; reference_points: [B, N, L, 2] -> [B, N, C]"""
+        """src, pos: [B, N, C]; reference_points: [B, N, L, 2]; spatial_shapes: (H_l, W_l) -> [B, N, C]"""
         # Positions steer where to sample (the query) but are not part of what is sampled (the value).
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes)
         src = self.norm1(src + attn)
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
@@ -115,14 +114,12 @@ class MSDeformAttnEncoder(nn.Module):
         self,
         src: torch.Tensor,
         pos: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
     ) -> torch.Tensor:
         """src, pos: [B, N, C], N = sum over levels of H_l * W_l -> [B, N, C]"""
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-        reference_points = self.reference_points(shapes, src.device).expand(src.shape[0], -1, -1, -1)
+        reference_points = self.reference_points(spatial_shapes, src.device).expand(src.shape[0], -1, -1, -1)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+            src = layer(src, pos, reference_points, spatial_shapes)
         return src
 
 
@@ -155,10 +152,7 @@ class MSDeformAttnTransformer(nn.Module):
             [p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1) for i, p in enumerate(pos)],
             dim=1,
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
-        sizes = spatial_shapes.prod(1)
-        level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
-        return self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index), shapes
+        return self.encoder(src_flat, pos_flat, shapes), shapes
 
 
 class MSDeformAttnPixelDecoder(nn.Module):

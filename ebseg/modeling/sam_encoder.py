@@ -1,7 +1,9 @@
 """SAM's ViT image encoder as a frozen multi-scale backbone.
 
 Built from ``segment_anything``'s ``ImageEncoderViT`` (its blocks, patch embedding and absolute position
-embedding; the neck is dropped). The position embedding is resized to the real patch grid, so any input
+embedding; the neck is dropped), so SAM weights load by name. The blocks run our own forward
+(``sam_block``) rather than the library's: attention goes through ``scaled_dot_product_attention``, which
+picks fused kernels on CPU and GPU. The position embedding is resized to the real patch grid, so any input
 that is a multiple of the patch size works, and the outputs of the four global-attention blocks are
 resampled to strides 4, 8, 16 and 32 without any extra layer.
 """
@@ -16,6 +18,7 @@ from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
 from ebseg.config import SamConfig
+from ebseg.modeling.sam_block import sam_block
 
 LEVELS = ("res2", "res3", "res4", "res5")
 # Resampling of the tapped (stride-16) blocks to strides 4/8/16/32.
@@ -47,7 +50,7 @@ class SamEncoder(nn.Module):
         x = x + pos.permute(0, 2, 3, 1)
         taps = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = sam_block(block, x)
             if i in self.taps:
                 taps.append(x)
         out = {}

@@ -62,9 +62,15 @@ def test_stage_shapes_and_dtypes(model):
         assert len(dec.pred_masks) == cfg.decoder.num_layers + 1
         assert dec.pred_masks[-1].shape == (2, q, 64, 48)
         assert dec.embeddings[-1].shape == (2, q, cfg.clip.embed_dim)
-        assert dec.attn_features.shape == (2, cfg.clip.heads, cfg.pixel_decoder.mask_dim, 64, 48)
-        bias = model.decoder.attn_bias(dec.mask_embeds[-1], dec.attn_features)
+        assert dec.attn_hidden.shape == (2, 64, 48, cfg.pixel_decoder.mask_dim)
+        bias = model.decoder.attn_bias(dec.mask_embeds[-1], dec.attn_hidden)
         assert bias.shape == (2, cfg.clip.heads, q, 64, 48)
+        # The folded computation equals the definition: bias_scaling(<mask_embed, attn_proj(pixel)[head]>).
+        per_pixel = model.decoder.attn_proj(mask_features.permute(0, 2, 3, 1))  # [B, h, w, heads * c]
+        per_pixel = per_pixel.unflatten(-1, (cfg.clip.heads, -1))
+        direct = torch.einsum("bqc,bhwnc->bnqhw", dec.mask_embeds[-1], per_pixel)
+        direct = model.decoder.bias_scaling(direct.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(bias, direct, atol=1e-5 * direct.abs().max().item(), rtol=1e-5)
 
         emb_b, dense = model.clip.recognize(feats, bias, num_sos=q)
         assert emb_b.shape == (2, q, cfg.clip.embed_dim)
@@ -172,3 +178,4 @@ def test_presets_and_config_round_trip():
         get_config("huge")
     with pytest.raises(TypeError):
         EBSegConfig.from_dict({**tiny().to_dict(), "bogus": 1})
+

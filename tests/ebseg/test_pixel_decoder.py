@@ -79,7 +79,7 @@ def test_ms_deform_attn_matches_per_point_bilinear():
     # Beyond [0, 1] on purpose: points off the map and straddling its border must read (partial) zeros.
     locations = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen) * 1.4 - 0.2
     weights = torch.rand(batch, queries, heads, len(shapes), points, generator=gen)
-    got = ms_deform_attn(value, torch.tensor(shapes), locations, weights)
+    got = ms_deform_attn(value, shapes, locations, weights)
     assert got.shape == (batch, queries, heads * head_dim) and got.dtype == torch.float32
     # float32 arithmetic against a float64 loop.
     expected = slow_ms_deform_attn(value, shapes, locations, weights).float()
@@ -90,7 +90,7 @@ def test_ms_deform_attn_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="spatial_shapes"):
         ms_deform_attn(
             torch.zeros(1, 10, 1, 2),
-            torch.tensor([[3, 3]]),
+            [(3, 3)],
             torch.zeros(1, 1, 1, 1, 1, 2),
             torch.zeros(1, 1, 1, 1, 1),
         )
@@ -121,8 +121,7 @@ def test_offsets_are_in_pixels_of_x_then_y(offset, shift):
     x = torch.randn(1, h * w, dim)
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     centres = torch.stack(((xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h), dim=-1)[None, :, None]
-    shapes = torch.tensor([[h, w]])
-    got = attn(x, centres, x, shapes, torch.tensor([0]))
+    got = attn(x, centres, x, [(h, w)])
 
     value = attn.value_proj(x).view(1, h, w, dim)
     shifted = torch.zeros_like(value)

@@ -1,0 +1,89 @@
+"""Our fused forwards against the straightforward computations they replace, on the same parameters.
+
+SAM blocks run our ``sam_block`` on ``segment_anything``'s modules (its own ``Block.forward`` is the
+reference); the deformable attention's gather is checked against ``grid_sample`` in value and gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Block
+
+from ebseg.modeling.ms_deform_attn import ms_deform_attn
+from ebseg.modeling.sam_block import sam_block
+
+
+def sam_library_block(window: int, trained_grid: int) -> Block:
+    torch.manual_seed(0)
+    block = Block(
+        dim=48,
+        num_heads=3,
+        use_rel_pos=True,
+        rel_pos_zero_init=False,
+        window_size=window,
+        input_size=(trained_grid, trained_grid),
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+    )
+    with torch.no_grad():  # zero-initialised by the library: give the relative terms real values
+        block.attn.rel_pos_h.normal_()
+        block.attn.rel_pos_w.normal_()
+    return block.eval()
+
+
+@pytest.mark.parametrize(
+    "window, trained_grid, grid",
+    [
+        (4, 4, (10, 7)),  # windowed, padded to whole windows on both axes
+        (0, 16, (10, 7)),  # global, relative tables resized from 31 offsets
+        (0, 7, (7, 7)),  # global at the trained size (no resize)
+    ],
+)
+def test_sam_block_matches_segment_anything(window, trained_grid, grid):
+    block = sam_library_block(window, trained_grid)
+    x = torch.randn(2, *grid, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = block(x)
+        got = sam_block(block, x)
+    torch.testing.assert_close(got, expected, atol=2e-6 * expected.abs().max().item(), rtol=1e-5)
+
+
+def grid_sample_ms_deform_attn(value, shapes, locations, weights):
+    """The textbook formulation: grid_sample per level, then the weighted sum over levels and points."""
+    b, _, heads, hd = value.shape
+    _, lq, _, levels, points, _ = locations.shape
+    samples = []
+    for level, value_l in enumerate(value.split([h * w for h, w in shapes], dim=1)):
+        h, w = shapes[level]
+        value_l = value_l.permute(0, 2, 3, 1).reshape(b * heads, hd, h, w)
+        grid = (2 * locations[:, :, :, level] - 1).transpose(1, 2).flatten(0, 1)  # [B * heads, Lq, P, 2]
+        samples.append(
+            F.grid_sample(value_l, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    sampled = torch.stack(samples, dim=-2)  # [B * heads, hd, Lq, L, P]
+    w = weights.transpose(1, 2).reshape(b * heads, 1, lq, levels, points)
+    return (sampled * w).sum((-1, -2)).view(b, heads * hd, lq).transpose(1, 2)
+
+
+def test_ms_deform_attn_gradients_match_grid_sample():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 6), (3, 3), (5, 2)]
+    b, lq, heads, hd, points = 2, 5, 2, 4, 3
+    value = torch.randn(b, sum(h * w for h, w in shapes), heads, hd, generator=gen, dtype=torch.float64)
+    # Off-map and border-straddling points included; float64 so only the formulas are compared.
+    locations = (
+        torch.rand(b, lq, heads, len(shapes), points, 2, generator=gen, dtype=torch.float64) * 1.4 - 0.2
+    )
+    weights = torch.rand(b, lq, heads, len(shapes), points, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(b, lq, heads * hd, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (ms_deform_attn, grid_sample_ms_deform_attn):
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = fn(inputs[0], shapes, inputs[1], inputs[2])
+        (out.double() * upstream).sum().backward()
+        grads.append([out.detach().double(), *(t.grad for t in inputs)])
+    for name, got, expected in zip(("output", "value", "locations", "weights"), *grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)
