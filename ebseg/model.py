@@ -45,6 +45,9 @@ class EBSegOutput:
     recognition head runs once, so ``logits_b`` holds the final prediction only, and ``logits_d``
     ([B, Q, K + 1], from mask-pooled CLIP-Surgery features, branch D) is set; in training it is None.
     embeddings_a: [B, Q, D] the (scaled) A embeddings, for the SSC loss.
+    embeddings_b / embeddings_d: [B, Q, D] the embeddings behind ``logits_b`` and ``logits_d`` (eval mode
+    only). With the final mask logits and ``embeddings_a[-1]`` they are everything the image contributes:
+    the vocabulary enters only through the dot products with ``text.classifier`` (``ebseg.proposals``).
     """
 
     pred_masks: list[torch.Tensor]
@@ -52,6 +55,8 @@ class EBSegOutput:
     logits_b: list[torch.Tensor]
     embeddings_a: list[torch.Tensor]
     logits_d: torch.Tensor | None = None
+    embeddings_b: torch.Tensor | None = None
+    embeddings_d: torch.Tensor | None = None
 
 
 class EBSeg(nn.Module):
@@ -141,4 +146,4 @@ class EBSeg(nn.Module):
         pooled = mask_pool(dense, masks, threshold_on_logits=False)  # not renormalised: empty -> 0
         logits_d = torch.einsum("bqc,nc->bqn", pooled, classifier)
         logits_b = [torch.einsum("bqc,nc->bqn", emb_b, classifier)]
-        return EBSegOutput(dec.pred_masks, logits_a, logits_b, dec.embeddings, logits_d)
+        return EBSegOutput(dec.pred_masks, logits_a, logits_b, dec.embeddings, logits_d, emb_b, pooled)

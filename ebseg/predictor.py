@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ebseg.balance import balance_class_probs, class_weights
 from ebseg.model import EBSeg
 from ebseg.postprocess import semantic_labels, semantic_probabilities
+from ebseg.proposals import Proposals, branch_logits
 from ebseg.resize import resize_image, resized_shape
 from ebseg.vocab import Vocabulary
 
@@ -126,6 +127,89 @@ class Segmenter:
         image = resize_image(image, self.input_shape(*original))
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # copies: inputs may be read-only
 
+    def _classifier(self) -> torch.Tensor:
+        """[K + 1, D] scaled text classifier of the current vocabulary (background last)."""
+        with torch.inference_mode():
+            return self.model.text.classifier(self.class_embeddings())
+
+    def propose(
+        self, images: Sequence[np.ndarray], *, output_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[Proposals]:
+        """Vocabulary-free model outputs (``ebseg.proposals``) for (H, W, 3) uint8 RGB arrays of any sizes.
+
+        output_sizes: as in ``predict`` (only the model input size depends on it).
+        """
+        for image in images:
+            _check_image(image)
+        output_sizes = self._output_sizes(images, output_sizes)
+        prepared = [self._prepare(im, size) for im, size in zip(images, output_sizes)]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(output_sizes):
+            groups.setdefault(self.padded_shape(*size), []).append(i)
+
+        # The forward needs some class embeddings; its vocabulary-free outputs do not depend on them.
+        text = self.class_embeddings()
+        results: list[Proposals | None] = [None] * len(images)
+        for (ph, pw), indices in groups.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                batch = torch.zeros(len(chunk), 3, ph, pw, dtype=torch.uint8)
+                sizes = []
+                for j, i in enumerate(chunk):
+                    _, h, w = prepared[i].shape
+                    batch[j, :, :h, :w] = prepared[i]
+                    sizes.append((h, w))
+                with torch.inference_mode(), self._autocast():
+                    out = self.model(batch.to(self.device), text, image_sizes=sizes)
+                embeddings = torch.stack([out.embeddings_a[-1], out.embeddings_b, out.embeddings_d], dim=1)
+                for j, i in enumerate(chunk):
+                    results[i] = Proposals(
+                        masks=out.pred_masks[-1][j].float(),
+                        embeddings=embeddings[j].float(),
+                        input_size=sizes[j],
+                    )
+        return results  # type: ignore[return-value]
+
+    def label(
+        self,
+        proposals: Sequence[Proposals],
+        output_sizes: Sequence[tuple[int, int]],
+        *,
+        return_probabilities: bool = False,
+    ) -> list[Prediction]:
+        """Label each image's proposals with the current vocabulary at its (height, width) output size."""
+        if len(output_sizes) != len(proposals):
+            raise ValueError(f"{len(output_sizes)} output sizes for {len(proposals)} proposals")
+        classifier = self._classifier()
+        results = []
+        with torch.inference_mode():
+            for proposal, size in zip(proposals, output_sizes):
+                logits = branch_logits(proposal.embeddings.to(self.device), classifier)
+                probs = balance_class_probs(
+                    logits[0], logits[1], logits[2], self._seen, self.model.config.balance
+                )
+                masks = F.interpolate(
+                    proposal.masks.to(self.device)[None],
+                    size=proposal.padded_size,
+                    mode="bilinear",
+                    align_corners=False,
+                )[0]
+                h, w = proposal.input_size
+                size = (int(size[0]), int(size[1]))
+                results.append(
+                    self._postprocess(class_weights(probs), masks[:, :h, :w], size, return_probabilities)
+                )
+        return results
+
+    def _output_sizes(
+        self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]] | None
+    ) -> list[tuple[int, int]]:
+        if output_sizes is None:
+            output_sizes = [image.shape[:2] for image in images]
+        if len(output_sizes) != len(images):
+            raise ValueError(f"{len(output_sizes)} output sizes for {len(images)} images")
+        return [(int(h), int(w)) for h, w in output_sizes]
+
     def predict(
         self,
         images: Sequence[np.ndarray],
@@ -141,47 +225,9 @@ class Segmenter:
         """
         for image in images:
             _check_image(image)
-        if output_sizes is None:
-            output_sizes = [image.shape[:2] for image in images]
-        if len(output_sizes) != len(images):
-            raise ValueError(f"{len(output_sizes)} output sizes for {len(images)} images")
-        output_sizes = [(int(h), int(w)) for h, w in output_sizes]
-        prepared = [self._prepare(im, size) for im, size in zip(images, output_sizes)]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, size in enumerate(output_sizes):
-            groups.setdefault(self.padded_shape(*size), []).append(i)
-
-        text = self.class_embeddings()
-        results: list[Prediction | None] = [None] * len(images)
-        for (ph, pw), indices in groups.items():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                batch = torch.zeros(len(chunk), 3, ph, pw, dtype=torch.uint8)
-                sizes = []
-                for j, i in enumerate(chunk):
-                    _, h, w = prepared[i].shape
-                    batch[j, :, :h, :w] = prepared[i]
-                    sizes.append((h, w))
-                with torch.inference_mode():
-                    with self._autocast():
-                        out = self.model(batch.to(self.device), text, image_sizes=sizes)
-                    probs = balance_class_probs(
-                        out.logits_a[-1].float(),
-                        out.logits_b[-1].float(),
-                        out.logits_d.float(),
-                        self._seen,
-                        self.model.config.balance,
-                    )
-                    weights = class_weights(probs)
-                    masks = F.interpolate(
-                        out.pred_masks[-1].float(), size=(ph, pw), mode="bilinear", align_corners=False
-                    )
-                    for j, i in enumerate(chunk):
-                        h, w = sizes[j]
-                        results[i] = self._postprocess(
-                            weights[j], masks[j, :, :h, :w], output_sizes[i], return_probabilities
-                        )
-        return results  # type: ignore[return-value]
+        output_sizes = self._output_sizes(images, output_sizes)
+        proposals = self.propose(images, output_sizes=output_sizes)
+        return self.label(proposals, output_sizes, return_probabilities=return_probabilities)
 
     def _postprocess(
         self,

@@ -178,4 +178,3 @@ def test_presets_and_config_round_trip():
         get_config("huge")
     with pytest.raises(TypeError):
         EBSegConfig.from_dict({**tiny().to_dict(), "bogus": 1})
-

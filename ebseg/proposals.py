@@ -1,0 +1,98 @@
+"""Proposals: one image's model outputs before any vocabulary enters, and their stored encodings.
+
+In EBSeg's forward pass the class names enter only through the final dot products of three per-query
+embeddings with the text classifier (branch A: the decoder's, B: the CLIP recognition head's, D: mask-pooled
+dense CLIP features); the mask logits and the embeddings themselves do not depend on the vocabulary. So an
+image's ``Proposals`` plus the model's text tower are enough to label it with any vocabulary later, and
+``Segmenter.predict`` is exactly ``Segmenter.label(Segmenter.propose(...))``.
+
+Encodings trade bytes for agreement with a fresh run (figures: ``benchmarks/README.md``): ``float32`` is
+lossless; ``float8`` masks (e4m3, as raw bytes) keep the logits' sign and a relative precision of 1/16;
+``uint8`` masks keep the sigmoid in 256 levels (a level's midpoint comes back), which saturated masks
+compress to about a bit per value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MASK_ENCODINGS = ("float32", "float16", "float8", "uint8")
+EMBEDDING_ENCODINGS = ("float32", "float16")
+# The smallest encodings whose labels agree with a fresh run on >= 99.9% of each image's pixels
+# (benchmarks/proposals.py), and the lossless ones.
+DEFAULT_ENCODING = ("float8", "float16")
+LOSSLESS_ENCODING = ("float32", "float32")
+
+# Levels of the uint8 mask encoding: level q stands for sigmoid values in [q / 256, (q + 1) / 256).
+_LEVELS = 256
+_FLOAT8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+@dataclass
+class Proposals:
+    """One image's vocabulary-free outputs.
+
+    masks: [Q, gh, gw] float32 mask logits on the stride-4 grid of the padded model input.
+    embeddings: [3, Q, D] float32 embeddings A, B and D (``EBSegOutput``), in that order.
+    input_size: (h, w) of the model input before padding; the padded input is (4 * gh, 4 * gw).
+    """
+
+    masks: torch.Tensor
+    embeddings: torch.Tensor
+    input_size: tuple[int, int]
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        return 4 * self.masks.shape[-2], 4 * self.masks.shape[-1]
+
+
+def branch_logits(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """embeddings: [3, Q, D] (A, B, D); classifier: [K + 1, D] (``TextClassifier.classifier``) ->
+    [3, Q, K + 1] class logits per branch, background last. Always float32: the balancing takes powers of
+    these probabilities, where bf16 rounding would move labels."""
+    return torch.matmul(embeddings.float(), classifier.float().t())
+
+
+def _check(encoding: str, allowed: tuple[str, ...], what: str) -> None:
+    if encoding not in allowed:
+        raise ValueError(f"unknown {what} encoding {encoding!r}; expected one of {', '.join(allowed)}")
+
+
+def encode_masks(masks: torch.Tensor, encoding: str) -> np.ndarray:
+    """[Q, gh, gw] float mask logits -> an array of the encoding's dtype, same shape."""
+    _check(encoding, MASK_ENCODINGS, "mask")
+    masks = masks.detach().float().cpu()
+    if encoding == "uint8":
+        levels = torch.floor(masks.sigmoid() * _LEVELS).clamp(max=_LEVELS - 1)
+        return levels.to(torch.uint8).numpy()
+    if encoding == "float8":
+        # e4m3 keeps 3 mantissa bits over a wide range: logits near 0 (where labels are decided) stay
+        # fine, saturated ones coarse. Stored as its raw bytes: numpy has no 8-bit float.
+        return masks.clamp(-_FLOAT8_MAX, _FLOAT8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return masks.numpy().astype(encoding)
+
+
+def decode_masks(values: np.ndarray, encoding: str) -> torch.Tensor:
+    """The inverse of ``encode_masks``: float32 mask logits (a level's midpoint for ``uint8``)."""
+    _check(encoding, MASK_ENCODINGS, "mask")
+    if encoding == "uint8":
+        p = (torch.from_numpy(np.asarray(values, dtype=np.float32)) + 0.5) / _LEVELS
+        return torch.log(p) - torch.log1p(-p)
+    if encoding == "float8":
+        raw = torch.from_numpy(np.ascontiguousarray(values, dtype=np.uint8))
+        return raw.view(torch.float8_e4m3fn).float()
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).copy())
+
+
+def encode_embeddings(embeddings: torch.Tensor, encoding: str) -> np.ndarray:
+    """[3, Q, D] float embeddings -> an array of the encoding's dtype."""
+    _check(encoding, EMBEDDING_ENCODINGS, "embedding")
+    return embeddings.detach().float().cpu().numpy().astype(encoding)
+
+
+def decode_embeddings(values: np.ndarray, encoding: str) -> torch.Tensor:
+    _check(encoding, EMBEDDING_ENCODINGS, "embedding")
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).copy())
