@@ -189,7 +189,7 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
         "images": summary["images"],
         "rows_per_block": job.rows_per_block,
         "wall_s": round(wall, 2),
-        "images_per_s": round(count / wall, 1),
+        "images_per_s": round(count / wall, 3),
         "driver_cpu_s": round(cpu, 3),
         "driver_us_per_image": round(cpu / count * 1e6, 1),
         "driver_ms_per_block": round(cpu / blocks * 1e3, 2),

@@ -20,7 +20,14 @@ from pipeline.label.plan import OutputMismatchError
 from pipeline.label.run import IncompleteRunError, run
 from pipeline.label.segment import SegmentImages
 from tests.conftest import REPO
-from tests.pipeline.label.test_run import VOCAB, check_output, encode, small_photos, tar_bytes
+from tests.pipeline.label.test_run import (
+    VOCAB,
+    check_manifests,
+    check_output,
+    encode,
+    small_photos,
+    tar_bytes,
+)
 from tests.pipeline.label.test_segment import save_tiny
 
 
@@ -87,6 +94,19 @@ class DiesOnce(SegmentImages):
             marker.write_text(str(os.getpid()))
             os._exit(1)
         return super().__call__(batch)
+
+
+class DiesAfterWriting(SegmentImages):
+    """Writes its block's part files (``encode_in_actor``), then dies, once per input directory: the retried
+    block writes the same rows again under new names."""
+
+    def __call__(self, batch):
+        parts = super().__call__(batch)
+        marker = Path(str(batch["source_uri"][0])).parent.parent / "wrote-then-died.marker"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return parts
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -291,3 +311,26 @@ def test_a_killed_actor_is_restarted_and_no_image_is_lost(ray_local, tiny_ckpt, 
     manifest_files = list((tmp_path / "out" / "_manifest").iterdir())
     assert len(manifest_files) == 3
     assert storage.read_json(*storage.url_to_fs(str(manifest_files[0])))["rows"] == 2
+
+
+def test_parts_written_by_a_task_that_then_died_are_never_read_and_are_deleted(
+    ray_local, tiny_ckpt, photos, tmp_path
+):
+    expected = write_photos(tmp_path / "data" / "in", small_photos(photos, 4))
+    out = str(tmp_path / "out")
+    job = LabelJob(
+        input=str(tmp_path / "data" / "in"),
+        output=out,
+        model=tiny_ckpt,
+        vocabulary=VOCAB,
+        files_per_shard=4,
+        batch_size=2,
+        encode_in_actor=True,
+        max_restarts=2,
+        progress=False,
+    )
+    summary = run(job, model_stage_cls=DiesAfterWriting)
+    assert (tmp_path / "data" / "wrote-then-died.marker").exists()  # parts were written, then the actor died
+    assert (summary["images"], summary["ok"], summary["shards_written"]) == (4, 4, 1)
+    assert summary["orphans_deleted"] >= 1  # the dead attempt's parts: left out of the manifest, deleted
+    check_manifests(out, check_output(out, expected))  # every image once; no file beside the listed ones

@@ -1,4 +1,4 @@
-"""The labelling job end to end (files, tar, Parquet inputs; local and S3 outputs), its sink, progress.
+"""The labelling job end to end (files, tar, Parquet inputs; local and S3 outputs), its commit, progress.
 
 Fault tests (corrupt inputs, interruption, a dying actor, refusals) are in test_label_faults.py.
 """
