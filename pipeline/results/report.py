@@ -145,24 +145,33 @@ def _thumbnail(out: LabelOutput, row: Mapping[str, Any], size: int) -> Thumbnail
 
 def _gallery(out: LabelOutput, classes: list[dict[str, Any]], limits: Limits) -> list[tuple[str, list]]:
     """Up to ``per_class`` images for each of the most frequent classes, chosen by a hash of the image id
-    among the images where the class covers at least 1% (or any, if none does); each image drawn once."""
+    among the images where the class covers at least 1% (then any), preferring images no other class has
+    shown yet; each image is drawn once."""
     chosen = [c["class_id"] for c in classes[: limits.gallery_classes]]
     if not chosen:
         return []
+    candidates = 4 * limits.per_class  # a few spare per class, so classes that share images can differ
     rows = out.sql(
         "SELECT class_id, image_id, source_uri, member FROM (SELECT s.class_id, s.image_id, i.source_uri, "
         "i.member, row_number() OVER (PARTITION BY s.class_id ORDER BY s.area_fraction < 0.01, "
         "md5(s.image_id)) AS k FROM segments s JOIN images i USING (image_id) "
         f"WHERE s.class_id IN ({', '.join(str(int(c)) for c in chosen)})) "
-        f"WHERE k <= {limits.per_class} ORDER BY class_id, k"
+        f"WHERE k <= {candidates} ORDER BY class_id, k"
     ).to_pylist()
-    drawn: dict[str, Thumbnail] = {}
-    by_class: dict[int, list[Thumbnail]] = {}
+    by_class: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["image_id"] not in drawn:
-            drawn[row["image_id"]] = _thumbnail(out, row, limits.thumbnail)
-        by_class.setdefault(row["class_id"], []).append(drawn[row["image_id"]])
-    return [(c["label"], by_class.get(c["class_id"], [])) for c in classes[: limits.gallery_classes]]
+        by_class.setdefault(row["class_id"], []).append(row)
+    drawn: dict[str, Thumbnail] = {}
+    gallery = []
+    for c in classes[: limits.gallery_classes]:
+        options = by_class.get(c["class_id"], [])
+        fresh = [r for r in options if r["image_id"] not in drawn]
+        picked = (fresh + [r for r in options if r["image_id"] in drawn])[: limits.per_class]
+        for row in picked:
+            if row["image_id"] not in drawn:
+                drawn[row["image_id"]] = _thumbnail(out, row, limits.thumbnail)
+        gallery.append((c["label"], [drawn[r["image_id"]] for r in picked]))
+    return gallery
 
 
 def collect(out: LabelOutput, limits: Limits | None = None) -> ReportData:
