@@ -2,7 +2,8 @@
 
 ``decode_image`` turns any image PIL reads into an (H, W, 3) uint8 RGB array, upright (EXIF orientation
 applied), and refuses images over a pixel budget from their header, before any pixel is decoded.
-``DecodeImages`` is the Ray Data ``map_batches`` step around it; every failure becomes a row.
+``DecodeImages`` is the Ray Data ``map_batches`` step around it; every failure becomes a row. It decodes a
+JPEG far larger than the model's input at a reduced DCT scale (PIL's draft mode) before resizing it.
 
 Conversions to 8-bit RGB:
 
