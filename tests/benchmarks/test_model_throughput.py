@@ -25,11 +25,19 @@ def test_model_throughput_script_reports_json():
     assert report["preset"] == "tiny" and report["mode"] == "predict" and report["images_per_s"] > 0
 
 
+def baseline_worktrees() -> set[str]:
+    """Paths of the temporary worktrees the --baseline mode makes (other worktrees change under us)."""
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "list", "--porcelain"], capture_output=True, text=True
+    )
+    return {
+        line for line in out.stdout.splitlines() if line.startswith("worktree ") and "ebseg-baseline-" in line
+    }
+
+
 def test_baseline_comparison_runs_both_code_states_and_cleans_up():
     """--baseline REF times a git worktree of REF against this checkout, interleaved; the worktree goes."""
-    before = subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True
-    ).stdout
+    before = baseline_worktrees()
     cmd = [sys.executable, str(REPO / "benchmarks" / "model_throughput.py"), "--baseline", "HEAD"]
     cmd += [
         "--preset",
@@ -51,7 +59,4 @@ def test_baseline_comparison_runs_both_code_states_and_cleans_up():
     for name in ("baseline", "current"):
         assert report[name]["iters"] == 2 and len(report[name]["batch_times_s"]) == 2
     assert report["speedup"] == report["baseline"]["s_per_image"] / report["current"]["s_per_image"]
-    after = subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True
-    ).stdout
-    assert after == before
+    assert baseline_worktrees() == before
