@@ -19,7 +19,19 @@ minus the RSS at the start of the timed loop (what one iteration's activations a
 peak was already reached during warmup, since ``ru_maxrss`` is a process-lifetime peak).
 
 --dtype is the autocast dtype: fp16 is refused on CPU; bf16 on CPU runs (CPU autocast supports it) with
-a warning, as it is rarely faster there without AMX.
+a warning, as it is rarely faster there without AMX. --compile wraps the model in ``torch.compile`` through
+``Segmenter(compile=True)``; the first warm-up iteration then includes compilation (reported as
+first_iter_s).
+
+Two code states side by side (absolute times move 2x between machines and with load, so only a ratio
+taken in one run means anything)::
+
+    python benchmarks/model_throughput.py --baseline 2af1707 --preset base --size 640 --threads 2 --iters 3
+
+checks out REF in a temporary ``git worktree``, starts one worker process per code state (each imports
+its own ``ebseg``), warms both up, then alternates their timed iterations (baseline, current, baseline,
+...) so both see the same machine load; prints both reports and the speedup (baseline median / current
+median), and removes the worktree.
 """
 
 from __future__ import annotations
@@ -31,7 +43,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -41,12 +55,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from ebseg.build import build_ebseg
-from ebseg.predictor import Segmenter
-from ebseg.vocab import Vocabulary
-
+REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -63,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (Segmenter(compile=True))")
+    p.add_argument("--baseline", metavar="REF", help="also time git REF, interleaved (see the module doc)")
+    p.add_argument("--root", default=str(REPO), help=argparse.SUPPRESS)  # the ebseg a worker imports
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # timed steps driven on stdin
     args = p.parse_args(argv)
     h, sep, w = args.size.lower().partition("x")
     if not (h.isdigit() and (w.isdigit() if sep else True)):
@@ -91,8 +104,8 @@ def astronaut_batch(height: int, width: int, count: int) -> list[np.ndarray]:
     return [image.copy() for _ in range(count)]
 
 
-def make_step(args: argparse.Namespace, seg: Segmenter, images: list[np.ndarray]):
-    """A no-argument callable running one batch in the chosen mode."""
+def make_step(args: argparse.Namespace, seg, images: list[np.ndarray]):
+    """A no-argument callable running one batch in the chosen mode (``seg``: an ebseg Segmenter)."""
     if args.mode == "predict":
         return lambda: seg.predict(images)
     div = seg.model.config.size_divisibility
@@ -124,9 +137,12 @@ def peak_rss_bytes() -> int:
 def measure(step, device: torch.device, iters: int, warmup: int) -> dict:
     """Wall time of each timed iteration (synchronised on CUDA) and the peak memory figures."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+    first = None
+    for i in range(warmup):
+        start = time.perf_counter()
         step()
-    sync()
+        sync()
+        first = round(time.perf_counter() - start, 2) if i == 0 else first
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = current_rss_bytes()
@@ -139,7 +155,7 @@ def measure(step, device: torch.device, iters: int, warmup: int) -> dict:
     memory = {"peak_rss_bytes": peak_rss_bytes(), "rss_delta_bytes": max(0, peak_rss_bytes() - rss_before)}
     if device.type == "cuda":
         memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    return {"times_s": times, **memory}
+    return {"times_s": times, "first_iter_s": first, **memory}
 
 
 def cpu_model() -> str:
@@ -158,7 +174,7 @@ def report(args: argparse.Namespace, model: torch.nn.Module, result: dict) -> di
     median = statistics.median(times)
     return {
         **{k: getattr(args, k) for k in ("preset", "mode", "height", "width", "batch_size", "device")},
-        **{k: getattr(args, k) for k in ("dtype", "vocabulary", "iters", "warmup")},
+        **{k: getattr(args, k) for k in ("dtype", "compile", "vocabulary", "iters", "warmup")},
         "threads": torch.get_num_threads(),
         "images_per_s": args.batch_size / median,
         "images_per_s_mean": args.batch_size / statistics.mean(times),
@@ -197,13 +213,26 @@ def print_summary(r: dict) -> None:
     print(f"  torch {r['torch']}; CPU {r['cpu']}; GPU {r['gpu']}")
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def load_api(root: str):
+    """(build_ebseg, Segmenter, Vocabulary) from the ebseg under ``root``: a checkout runs without installing,
+    and a --baseline worker imports the other code state."""
+    sys.path.insert(0, root)
+    from ebseg.build import build_ebseg
+    from ebseg.predictor import Segmenter
+    from ebseg.vocab import Vocabulary
+
+    return build_ebseg, Segmenter, Vocabulary
+
+
+def setup(args: argparse.Namespace):
+    """(model, step, setup figures) for ``args``; the vocabulary is encoded here, untimed."""
+    build_ebseg, Segmenter, Vocabulary = load_api(args.root)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_ebseg(args.preset)
+    options = {"compile": True} if args.compile else {}  # older code states have no such option
     seg = Segmenter(
         model,
         Vocabulary.parse(args.vocabulary),
@@ -211,12 +240,105 @@ def main(argv=None) -> None:
         batch_size=args.batch_size,
         device=args.device,
         amp_dtype=DTYPES[args.dtype],
+        **options,
     )
     built = time.perf_counter()
     seg.class_embeddings()  # cached by the Segmenter: neither mode re-encodes the vocabulary per batch
-    setup = {"build_s": round(built - start, 2), "encode_vocabulary_s": round(time.perf_counter() - built, 2)}
+    figures = {
+        "build_s": round(built - start, 2),
+        "encode_vocabulary_s": round(time.perf_counter() - built, 2),
+    }
     step = make_step(args, seg, astronaut_batch(args.height, args.width, args.batch_size))
-    result = report(args, model, {**setup, **measure(step, seg.device, args.iters, args.warmup)})
+    return model, seg, step, figures
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Worker of --baseline: warm up, then one timed step per "step" line on stdin (its time on stdout);
+    "report" prints the JSON report and exits."""
+    model, seg, step, figures = setup(args)
+    sync = torch.cuda.synchronize if seg.device.type == "cuda" else (lambda: None)
+    for i in range(args.warmup):
+        start = time.perf_counter()
+        step()
+        sync()
+        if i == 0:
+            figures["first_iter_s"] = round(time.perf_counter() - start, 2)
+    print("ready", flush=True)
+    rss_before, times = current_rss_bytes(), []
+    for line in sys.stdin:
+        if line.strip() == "step":
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+            print(times[-1], flush=True)
+        else:
+            break
+    memory = {"peak_rss_bytes": peak_rss_bytes(), "rss_delta_bytes": max(0, peak_rss_bytes() - rss_before)}
+    args.iters = len(times)
+    print(json.dumps(report(args, model, {**figures, "times_s": times, **memory})), flush=True)
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> None:
+    """--baseline: both code states in worker processes, timed iterations interleaved."""
+    flags = [a for a in argv if a != "--json"]
+    i = flags.index("--baseline") if "--baseline" in flags else None
+    flags = (
+        flags[:i] + flags[i + 2 :] if i is not None else [a for a in flags if not a.startswith("--baseline=")]
+    )
+    with tempfile.TemporaryDirectory(prefix="ebseg-baseline-") as tmp:
+        tree = os.path.join(tmp, "tree")
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--quiet", "--detach", tree, args.baseline],
+            check=True,
+        )
+        try:
+            workers = {}
+            for name, root in (("baseline", tree), ("current", str(REPO))):
+                cmd = [sys.executable, str(Path(__file__).resolve()), *flags, "--worker", "--root", root]
+                workers[name] = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
+                # One at a time, so the set-ups (model build, vocabulary, warm-up) do not overlap.
+                for line in workers[name].stdout:
+                    if line.strip() == "ready":
+                        break
+                else:
+                    raise RuntimeError(f"the {name} worker exited before it was ready (see its stderr)")
+            for _ in range(args.iters):
+                for worker in workers.values():
+                    worker.stdin.write("step\n")
+                    worker.stdin.flush()
+                    worker.stdout.readline()
+            reports = {}
+            for name, worker in workers.items():
+                worker.stdin.write("report\n")
+                worker.stdin.flush()
+                reports[name] = json.loads(worker.stdout.readline())
+                worker.wait()
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", tree], check=False)
+    speedup = reports["baseline"]["s_per_image"] / reports["current"]["s_per_image"]
+    if args.json:
+        print(json.dumps({"baseline_ref": args.baseline, "speedup": speedup, **reports}))
+        return
+    for name, r in reports.items():
+        print(f"[{name}{' ' + args.baseline if name == 'baseline' else ''}]")
+        print_summary(r)
+    print(f"speedup (baseline median / current median): {speedup:.2f}x")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.worker:
+        serve(args)
+        return
+    if args.baseline:
+        compare(args, argv)
+        return
+    model, seg, step, figures = setup(args)
+    result = report(args, model, {**figures, **measure(step, seg.device, args.iters, args.warmup)})
     if args.json:
         print(json.dumps(result))
     else:

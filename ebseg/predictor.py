@@ -58,6 +58,8 @@ class Segmenter:
     takes the model config's (640 for base and large, as in the paper); None runs at the input size.
     device: "cuda", "cpu", ... (default: CUDA when available).
     amp_dtype: torch.bfloat16 / torch.float16 to run the model under autocast (GPU), None for float32.
+    compile: wrap the model in ``torch.compile`` (opt-in: compiling takes a while on the first batch and
+    again for each new padded input size; ``self.model`` then forwards attribute access to the model).
     """
 
     def __init__(
@@ -70,11 +72,14 @@ class Segmenter:
         batch_size: int = 4,
         device: str | torch.device | None = None,
         amp_dtype: torch.dtype | None = None,
+        compile: bool = False,
     ):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if compile:
+            self.model = torch.compile(self.model)
         self.short_side = model.config.short_side if short_side == "model" else short_side
         self.max_long_side = max_long_side
         self.batch_size = batch_size

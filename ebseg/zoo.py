@@ -167,7 +167,8 @@ def load_model(spec: str, *, map_location="cpu") -> nn.Module:
 @dataclass(frozen=True)
 class SegmenterSettings:
     """How a worker builds its ``Segmenter``: the model a ``--model`` value names, the vocabulary, the batch
-    size, the device, autocast (``amp_dtype``: bf16 / fp16 / fp32, applied only on CUDA) and torch threads.
+    size, the device, autocast (``amp_dtype``: bf16 / fp16 / fp32, applied only on CUDA), torch threads and
+    ``compile`` (``torch.compile`` the model, see ``Segmenter``).
     Small and picklable: Ray ships it to every actor, which calls :meth:`load` once."""
 
     model: str
@@ -176,6 +177,7 @@ class SegmenterSettings:
     device: str = "cpu"
     amp_dtype: str | None = None
     num_threads: int | None = None
+    compile: bool = False
 
     def load(self) -> Segmenter:
         """The Segmenter, with the vocabulary encoded. Random-weight presets are built under ``RANDOM_SEED``:
@@ -186,7 +188,12 @@ class SegmenterSettings:
         network = load_model(self.model, map_location=self.device)
         autocast = autocast_dtype(self.amp_dtype) if torch.device(self.device).type == "cuda" else None
         segmenter = Segmenter(
-            network, self.vocabulary, batch_size=self.batch_size, device=self.device, amp_dtype=autocast
+            network,
+            self.vocabulary,
+            batch_size=self.batch_size,
+            device=self.device,
+            amp_dtype=autocast,
+            compile=self.compile,
         )
         segmenter.class_embeddings()  # encode the vocabulary now, not inside the first batch's time
         return segmenter

@@ -52,6 +52,9 @@ class LabelJob(JobModel):
     run_id: Text | None = Field(None, description="default: derived from the job (a resume keeps it)")
     amp_dtype: AmpName | None = Field("bf16", description="autocast dtype on GPU; ignored on CPU")
     device: Text | None = Field(None, description="actors' torch device; default: cuda with GPUs, else cpu")
+    compile: bool = Field(
+        False, description="torch.compile the model in each actor (slow first batch, faster after; opt-in)"
+    )
     encode_in_actor: bool = Field(
         False, description="encode records inside the model actor instead of a separate CPU stage"
     )

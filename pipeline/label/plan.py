@@ -52,6 +52,7 @@ class LabelPlan:
             device=self.device,
             amp_dtype=job.amp_dtype,
             num_threads=max(1, int(job.cpus_per_actor)),
+            compile=job.compile,
         )
 
 

@@ -2,6 +2,7 @@
 
 SAM blocks run our ``sam_block`` on ``segment_anything``'s modules (its own ``Block.forward`` is the
 reference); the deformable attention's gather is checked against ``grid_sample`` in value and gradients.
+On a machine with CUDA the same checks run on the GPU too (its SDPA and embedding_bag kernels differ).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from segment_anything.modeling.image_encoder import Block
 
 from ebseg.modeling.ms_deform_attn import ms_deform_attn
 from ebseg.modeling.sam_block import sam_block
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def sam_library_block(window: int, trained_grid: int) -> Block:
@@ -34,6 +37,7 @@ def sam_library_block(window: int, trained_grid: int) -> Block:
     return block.eval()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "window, trained_grid, grid",
     [
@@ -42,9 +46,9 @@ def sam_library_block(window: int, trained_grid: int) -> Block:
         (0, 7, (7, 7)),  # global at the trained size (no resize)
     ],
 )
-def test_sam_block_matches_segment_anything(window, trained_grid, grid):
-    block = sam_library_block(window, trained_grid)
-    x = torch.randn(2, *grid, 48, generator=torch.Generator().manual_seed(1))
+def test_sam_block_matches_segment_anything(window, trained_grid, grid, device):
+    block = sam_library_block(window, trained_grid).to(device)
+    x = torch.randn(2, *grid, 48, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         expected = block(x)
         got = sam_block(block, x)
@@ -68,7 +72,8 @@ def grid_sample_ms_deform_attn(value, shapes, locations, weights):
     return (sampled * w).sum((-1, -2)).view(b, heads * hd, lq).transpose(1, 2)
 
 
-def test_ms_deform_attn_gradients_match_grid_sample():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ms_deform_attn_gradients_match_grid_sample(device):
     gen = torch.Generator().manual_seed(0)
     shapes = [(4, 6), (3, 3), (5, 2)]
     b, lq, heads, hd, points = 2, 5, 2, 4, 3
@@ -81,9 +86,9 @@ def test_ms_deform_attn_gradients_match_grid_sample():
     upstream = torch.randn(b, lq, heads * hd, generator=gen, dtype=torch.float64)
     grads = []
     for fn in (ms_deform_attn, grid_sample_ms_deform_attn):
-        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        inputs = [t.to(device).clone().requires_grad_() for t in (value, locations, weights)]
         out = fn(inputs[0], shapes, inputs[1], inputs[2])
-        (out.double() * upstream).sum().backward()
+        (out.double() * upstream.to(device)).sum().backward()
         grads.append([out.detach().double(), *(t.grad for t in inputs)])
     for name, got, expected in zip(("output", "value", "locations", "weights"), *grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=name)

@@ -178,3 +178,17 @@ def test_presets_and_config_round_trip():
         get_config("huge")
     with pytest.raises(TypeError):
         EBSegConfig.from_dict({**tiny().to_dict(), "bogus": 1})
+
+
+def test_compiles_as_one_graph_and_matches_eager(model):
+    """``torch.compile`` traces the whole inference forward without a graph break (fullgraph) and gives the
+    eager outputs. The "eager" backend checks the tracing in seconds; inductor's code generation (minutes on
+    CPU) is measured by ``benchmarks/model_throughput.py --compile``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x, text = images(1, 128, 96), class_embeddings(4, model.config.clip.embed_dim)
+    with torch.inference_mode():
+        expected, got = model(x, text), compiled(x, text)
+    for name in ("pred_masks", "logits_a", "logits_b"):
+        torch.testing.assert_close(getattr(got, name)[-1], getattr(expected, name)[-1])
+    torch.testing.assert_close(got.logits_d, expected.logits_d)
