@@ -6,6 +6,7 @@ store a binary column. Usage::
 
     python benchmarks/proposals.py --model demo           # shapes images, the shapes classes
     python benchmarks/proposals.py --model tiny --photos  # skimage photos (random weights: mechanics)
+    python benchmarks/proposals.py --speed --model base   # relabel vs label per image, random weights
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ebseg.build import build_ebseg
 from ebseg.data.shapes import generate, shapes_vocabulary
 from ebseg.predictor import Segmenter
 from ebseg.proposals import (
+    DEFAULT_ENCODING,
     EMBEDDING_ENCODINGS,
     MASK_ENCODINGS,
     Proposals,
@@ -43,14 +46,56 @@ def _zstd_bytes(array: np.ndarray) -> int:
     return len(pa.compress(np.ascontiguousarray(array).tobytes(), codec="zstd", asbytes=True))
 
 
+def speed(model_name: str, repeats: int) -> None:
+    """Labelling (forward + labels) vs relabelling (decode stored proposals + labels), interleaved, one
+    480x640 photo (model input 640x853), the ADE-150 vocabulary."""
+    from skimage import data
+    from skimage.transform import resize
+
+    photo = (resize(data.astronaut(), (480, 640)) * 255).astype(np.uint8)
+    seg = Segmenter(build_ebseg(model_name), Vocabulary.from_benchmark("ade150"), device="cpu", batch_size=1)
+    [proposal] = seg.propose([photo])
+    masks, embeddings = (
+        encode(t, enc)
+        for encode, t, enc in zip(
+            (encode_masks, encode_embeddings), (proposal.masks, proposal.embeddings), DEFAULT_ENCODING
+        )
+    )
+    seg.predict([photo])  # warm-up
+    label_s, relabel_s = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        seg.predict([photo])
+        label_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        stored = Proposals(
+            decode_masks(masks, DEFAULT_ENCODING[0]),
+            decode_embeddings(embeddings, DEFAULT_ENCODING[1]),
+            proposal.input_size,
+        )
+        seg.label([stored], [photo.shape[:2]])
+        relabel_s.append(time.perf_counter() - started)
+    lab, rel = float(np.median(label_s)), float(np.median(relabel_s))
+    print(
+        f"{model_name}, 480x640 photo (input {proposal.input_size}), K=150, "
+        f"{torch.get_num_threads()} threads, "
+        f"median of {repeats}: label {lab:.2f} s/image, relabel {rel:.3f} s/image, {lab / rel:.0f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--photos", action="store_true", help="skimage photos instead of shapes images")
     parser.add_argument("--count", type=int, default=8, help="shapes images")
     parser.add_argument("--short-side", type=int, default=None)
+    parser.add_argument("--speed", action="store_true", help="relabel vs label time per image")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.speed:
+        speed(args.model, args.repeats)
+        return
     model = load_model(args.model)
     full = (
         list(shapes_vocabulary().names)
