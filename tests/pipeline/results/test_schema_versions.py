@@ -16,8 +16,8 @@ from pipeline import layout, storage
 from pipeline.label import records
 from pipeline.label.records import Provenance
 from pipeline.results.export import export_coco
-from pipeline.results.overlay import render_overlay
 from pipeline.results.query import open_output
+from pipeline.results.show import render_overlay
 
 NAMES = ["sky", "grass"]
 
