@@ -46,6 +46,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.model_throughput import cpu_model
 from benchmarks.pipeline_throughput import RssSampler
 from ebseg.predictor import Prediction
 from ebseg.resize import resized_shape
@@ -266,7 +267,7 @@ def main(argv=None) -> dict:
         "actor_ips": args.actor_ips,
         "files_per_shard": args.files_per_shard,
         "encode": args.encode,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": args.cores,
         "load_avg_1min": round(os.getloadavg()[0], 2),
         "runs": [],
@@ -289,16 +290,6 @@ def main(argv=None) -> dict:
         )
     report["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return report
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

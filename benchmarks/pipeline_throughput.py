@@ -222,7 +222,9 @@ def pipeline_run(args, *, spec: str, actors: int, root: Path, stats: Path) -> di
         "wall_s": round(wall, 3),
         "run_images_per_s": args.images / wall,
         "steady_images_per_s": steady_rate(records),
-        "model_batches": len(records),
+        "model_blocks": len(records),  # map_batches calls: blocks of rows_per_block rows
+        "forward_passes": summary["forward_passes"],
+        "effective_batch_size": summary["effective_batch_size"],
         "actors_used": len({r["actor"] for r in records}),
         "stage_busy_s": summary["stage_busy_s"],
         "driver_peak_rss_bytes": sampler.peak,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.model_throughput import cpu_model
 from ebseg.postprocess import semantic_labels
 from ebseg.predictor import Segmenter
 from ebseg.vocab import Vocabulary
@@ -54,17 +54,6 @@ def capture(model, vocabulary: str, image: np.ndarray):
     segmenter._postprocess = lambda *args: captured.append(args[:3])
     segmenter.predict([image])
     return captured[0]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> None:

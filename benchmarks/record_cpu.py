@@ -37,7 +37,7 @@ from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.postprocess import cpu_model
+from benchmarks.model_throughput import cpu_model
 from ebseg.data.labels import encode_stored
 from ebseg.predictor import Segmenter
 from ebseg.resize import resize_image, resized_shape

@@ -53,22 +53,31 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def _make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+
+
+def _local_temp_copy(path: str, data: bytes) -> str:
+    """``data`` written and synced to a new temporary file beside local ``path``; returns its name."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so a reader sees either no file or the whole file.
 
     Local files go to a temporary name in the same directory and are renamed (atomic on POSIX). On object
     stores a single PUT of the whole body is atomic already: the object appears only when complete.
     """
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    _make_parent(fs, path)
     if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temp_copy(path, data), path)
     else:
         fs.pipe_file(path, data)
 
@@ -89,15 +98,9 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     On S3: one PUT with ``If-None-Match: *`` (the store refuses it when the key exists). Elsewhere: an
     existence check then a write, which is exclusive only against writers that are not concurrent.
     """
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    _make_parent(fs, path)
     if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp_copy(path, data)
         try:
             os.link(tmp, path)
             return True

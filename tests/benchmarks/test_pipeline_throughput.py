@@ -20,4 +20,5 @@ def test_pipeline_throughput_script_reports_json():
     assert report["model_only"]["images_per_s"] > 0
     [run] = report["runs"]
     assert run["actors"] == 1 and run["run_images_per_s"] > 0 and run["ratio_run"] > 0
-    assert run["model_batches"] >= 2 and run["actor_peak_rss_bytes"] > 0 and run["driver_peak_rss_bytes"] > 0
+    assert run["model_blocks"] >= 1 and run["forward_passes"] == 2 and run["effective_batch_size"] == 2
+    assert run["actor_peak_rss_bytes"] > 0 and run["driver_peak_rss_bytes"] > 0

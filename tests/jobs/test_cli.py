@@ -101,9 +101,9 @@ def test_a_run_prints_only_its_own_lines(labelled):
         line for line in lines if RAY_LINE.search(line) or ".cc:" in line or "Progress bars" in line
     ] == []
     for line in lines:
-        assert line.startswith(("ebseg: ", "labelling: ", "labelled ", "output: ", "next: ", "report: ")), (
-            line
-        )
+        assert line.startswith(
+            ("ebseg: ", "labelling: ", "labelled ", "model: ", "output: ", "next: ", "report: ")
+        ), line
     logs = re.search(r"Ray's own log lines: (\S+)", result.stderr)[1]
     (driver_log,) = Path(logs).glob("ebseg-driver-*.err")
     assert driver_log.is_file()  # where Ray's lines (the core worker's, Ray Data's warnings) went
