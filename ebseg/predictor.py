@@ -144,9 +144,10 @@ class Segmenter:
 
         output_sizes: as in ``predict`` (only the model input size depends on it).
         """
-        for image in images:
-            _check_image(image)
-        output_sizes = self._output_sizes(images, output_sizes)
+        return self._propose(images, self._checked_sizes(images, output_sizes))
+
+    def _propose(self, images: Sequence[np.ndarray], output_sizes: list[tuple[int, int]]) -> list[Proposals]:
+        """``propose`` on images and output sizes already checked by ``_checked_sizes``."""
         prepared = [self._prepare(im, size) for im, size in zip(images, output_sizes)]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(output_sizes):
@@ -206,9 +207,12 @@ class Segmenter:
                 )
         return results
 
-    def _output_sizes(
+    def _checked_sizes(
         self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]] | None
     ) -> list[tuple[int, int]]:
+        """Refuse anything but (H, W, 3) uint8 arrays; each image's output (height, width)."""
+        for image in images:
+            _check_image(image)
         if output_sizes is None:
             output_sizes = [image.shape[:2] for image in images]
         if len(output_sizes) != len(images):
@@ -228,10 +232,8 @@ class Segmenter:
         already resized it (``resize_image(image, segmenter.input_shape(height, width))``): results come
         at that size, exactly as if the original had been passed. Default: each image's own size.
         """
-        for image in images:
-            _check_image(image)
-        output_sizes = self._output_sizes(images, output_sizes)
-        proposals = self.propose(images, output_sizes=output_sizes)
+        output_sizes = self._checked_sizes(images, output_sizes)
+        proposals = self._propose(images, output_sizes)
         return self.label(proposals, output_sizes, return_probabilities=return_probabilities)
 
     def _postprocess(
