@@ -172,18 +172,48 @@ def _read_parquet(shard: Shard, storage_options, image_column: str) -> Iterator[
             yield _row(shard, size, rest, uri, str(rest), None, f"read: {problem}")
 
 
-class ReadShard:
-    """``Dataset.flat_map`` callable: a shard row (``Shard.to_row()`` columns) -> its raw rows.
+# Columns of the raw rows ``read_shard`` yields, as the read step hands them to the model stage.
+RAW_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("member", pa.string()),
+        ("shard_id", pa.string()),
+        ("shard_size", pa.int64()),
+        ("row_index", pa.int64()),
+        ("data", pa.binary()),
+        ("error", pa.string()),
+    ]
+)
 
-    ``ds.flat_map(ReadShard(storage_options=..., image_column=...))``; the rows stream out of a generator,
-    so a shard's bytes are never all held at once (Ray cuts its output into blocks as it goes).
+
+class ReadShards:
+    """``Dataset.map_batches`` step: a block of shard rows (``Shard.to_row()`` columns) -> their raw rows.
+
+    ``ds.map_batches(ReadShards(1024), batch_size=None)``: every shard of the block is read in turn and
+    its rows leave as Arrow tables (``RAW_SCHEMA``) of at most ``rows`` rows, so a shard's bytes are never
+    all held at once; Ray packs consecutive tables into blocks up to its target block size, which bounds
+    a block of large originals by bytes. The rows carry encoded bytes: decoding happens in the model
+    actor (``pipeline.label.segment``), so blocks stay ~10x smaller than decoded pixels and big enough to
+    spread the driver's per-block cost over many images.
     """
 
-    def __init__(self, *, storage_options: Mapping[str, Any] | None = None, image_column: str = "image"):
+    def __init__(
+        self, rows: int, *, storage_options: Mapping[str, Any] | None = None, image_column: str = "image"
+    ):
+        self.rows = rows
         self.storage_options = dict(storage_options or {})
         self.image_column = image_column
 
-    def __call__(self, row: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-        return read_shard(
-            Shard.from_row(row), storage_options=self.storage_options, image_column=self.image_column
-        )
+    def __call__(self, batch: Mapping[str, Any]) -> Iterator[pa.Table]:
+        pending: list[dict[str, Any]] = []
+        for i in range(len(batch["shard_id"])):
+            shard = Shard.from_row({key: batch[key][i] for key in ("shard_id", "kind", "uris")})
+            rows = read_shard(shard, storage_options=self.storage_options, image_column=self.image_column)
+            for row in rows:
+                pending.append(row)
+                if len(pending) == self.rows:
+                    yield pa.Table.from_pylist(pending, schema=RAW_SCHEMA)
+                    pending = []
+        if pending:
+            yield pa.Table.from_pylist(pending, schema=RAW_SCHEMA)

@@ -13,6 +13,8 @@ aspect ratios still run in full batches, and every image's result is the one it 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,8 +23,12 @@ import torch
 from ebseg.data.labels import label_bits
 from ebseg.zoo import SegmenterSettings
 from pipeline.batches import object_column
+from pipeline.label.decode import DecodeImages
 from pipeline.label.parts import PartWriter
 from pipeline.label.records import to_storage
+
+# Rows decoded at a time inside the model actor: a few model batches, a bounded amount of pixels.
+DECODE_ROWS = 64
 
 
 def _image_problem(image: Any) -> str | None:
@@ -49,14 +55,26 @@ class SegmentImages:
     (the batch is retried image by image to find it), so one bad image never fails a batch.
     write_with: when given, the actor also encodes and writes the records (``PartWriter``) and returns its
     part metadata instead, with no separate write stage.
+    decode: when given, the batch holds raw rows (``pipeline.label.reading``: encoded ``data``, no
+    ``image``) and the actor decodes them itself (``DecodeImages``), ``DECODE_ROWS`` at a time on a
+    thread that runs one chunk ahead of the model (PIL and torch release the GIL): Ray Data's blocks then
+    carry encoded bytes, ~10x smaller than decoded pixels, so they can be large enough to spread the
+    driver's per-block cost over a thousand images.
     """
 
-    def __init__(self, settings: SegmenterSettings, *, write_with: PartWriter | None = None):
+    def __init__(
+        self,
+        settings: SegmenterSettings,
+        *,
+        write_with: PartWriter | None = None,
+        decode: DecodeImages | None = None,
+    ):
         self.segmenter = settings.load()
         self.vocabulary = settings.vocabulary
         self.batch_size = settings.batch_size
         self.dtype = np.uint8 if label_bits(len(self.vocabulary)) == 8 else np.uint16
         self.write_with = write_with
+        self.decode = decode
         self.forwards = 0  # forward passes run by _predict, counted for the effective batch size
 
     def batches(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
@@ -91,6 +109,13 @@ class SegmentImages:
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | Any:
+        if self.decode is None or "data" not in batch:
+            out = self._label(batch)
+        else:
+            out = _concat([self._label(chunk) for chunk in _decoded_chunks(self.decode, batch)])
+        return self.write_with(out) if self.write_with is not None else out
+
+    def _label(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
         out = {k: np.asarray(v) for k, v in batch.items() if k != "image"}
         status = [str(s) for s in batch["status"]]
@@ -134,6 +159,28 @@ class SegmentImages:
         out["scores"] = scores
         out["model_ms"] = model_ms
         out["forward_share"] = forward_share
-        if self.write_with is not None:
-            return self.write_with(out)
         return out
+
+
+def _slice(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {key: values[start:stop] for key, values in batch.items()}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _decoded_chunks(decode: DecodeImages, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """``batch`` decoded ``DECODE_ROWS`` rows at a time, the next chunk decoding while the caller runs
+    the model on this one; at most two chunks of pixels are held at once."""
+    n = len(batch["image_id"])
+    starts = range(0, n, DECODE_ROWS)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        ahead = pool.submit(decode, _slice(batch, 0, DECODE_ROWS))
+        for start in starts:
+            chunk = ahead.result()
+            if start + DECODE_ROWS < n:
+                ahead = pool.submit(decode, _slice(batch, start + DECODE_ROWS, start + 2 * DECODE_ROWS))
+            yield chunk

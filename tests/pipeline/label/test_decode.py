@@ -214,7 +214,7 @@ def image_shape(short_side: int, image: np.ndarray) -> tuple[int, int]:
 
 def test_ray_reads_and_decodes_every_image_once(ray_local, s3_server, photos, tmp_path):
     from pipeline.label.listing import list_shards
-    from pipeline.label.reading import ReadShard
+    from pipeline.label.reading import ReadShards
 
     bucket = s3_server.bucket("decode")
     fs = s3_server.filesystem()
@@ -244,8 +244,9 @@ def test_ray_reads_and_decodes_every_image_once(ray_local, s3_server, photos, tm
     expected.update({("t.parquet", "0"): None, ("t.parquet", "1"): "empty", ("t.parquet", "2"): "decode"})
 
     shards = [s.to_row() for s in list_shards(f"s3://{bucket}/in", files_per_shard=2)]
-    ds = ray_local.data.from_items(shards)
-    ds = ds.flat_map(ReadShard()).map_batches(DecodeImages(32, 64), batch_format="numpy", batch_size=3)
+    ds = ray_local.data.from_items(shards, override_num_blocks=2)
+    ds = ds.map_batches(ReadShards(2), batch_size=None)
+    ds = ds.map_batches(DecodeImages(32, 64), batch_format="numpy", batch_size=3)
     rows = ds.take_all()
 
     got = {

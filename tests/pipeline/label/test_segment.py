@@ -167,3 +167,46 @@ def test_random_presets_are_the_same_in_every_actor():
         torch.manual_seed(123)  # whatever the process's RNG state was
         b = SegmentImages(SegmenterSettings("tiny", VOCAB)).segmenter.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_raw_rows_are_decoded_in_the_actor_in_chunks_with_the_same_results(tiny_ckpt, photos, monkeypatch):
+    """Blocks of encoded bytes (``ReadShards``) give the rows a decode stage and then the model would:
+    decoded a chunk ahead on a thread, errors as rows, order kept across chunks."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.label import segment
+    from pipeline.label.decode import DecodeImages
+
+    monkeypatch.setattr(segment, "DECODE_ROWS", 2)  # three chunks for five rows
+    images = [photos[0][:90, :120], photos[1][:70, :50], None, photos[2][:64, :64], photos[0][:40, :100]]
+    data = []
+    for image in images:
+        buf = io.BytesIO()
+        if image is not None:
+            Image.fromarray(image).save(buf, "PNG")
+        data.append(buf.getvalue() if image is not None else b"junk")
+    n = len(images)
+    raw = {
+        "image_id": np.array([f"img{i}" for i in range(n)], dtype=object),
+        "source_uri": np.array([f"/in/{i}.png" for i in range(n)], dtype=object),
+        "shard_id": np.array(["files-000000-abc"] * n, dtype=object),
+        "member": np.array([None] * n, dtype=object),
+        "shard_size": np.full(n, n),
+        "row_index": np.arange(n),
+        "data": np.array(data, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+    }
+    decode = DecodeImages(SHORT_SIDE, 2560)
+    settings = SegmenterSettings(tiny_ckpt, VOCAB, batch_size=2)
+    in_actor = SegmentImages(settings, decode=decode)(raw)
+    separate = SegmentImages(settings)(decode(raw))
+    assert list(in_actor["image_id"]) == list(separate["image_id"]) == list(raw["image_id"])
+    assert list(in_actor["status"]) == ["ok", "ok", "error", "ok", "ok"]
+    assert in_actor["error"][2].startswith("decode:")
+    assert "data" not in in_actor and "image" not in in_actor
+    for a, b in zip(in_actor["labels"], separate["labels"]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(in_actor["scores"], separate["scores"])
+    assert in_actor["labels"][0].shape == (90, 120)
