@@ -82,12 +82,12 @@ def build_label_dataset(
     # `rows` encoded images: the actor pool hands out whole blocks, so these amortise the driver's
     # per-block cost, and block_rows keeps enough of them for every actor on a small input.
     estimate = sum(len(s.uris) if s.kind == "files" else rows for s in shards)
-    ds = ray.data.from_items(
-        [s.to_row() for s in shards], override_num_blocks=max(1, min(len(shards), math.ceil(estimate / rows)))
-    )
+    blocks = max(1, min(len(shards), math.ceil(estimate / rows)))
+    ds = ray.data.from_items([s.to_row() for s in shards], override_num_blocks=blocks)
     read = ReadShards(rows, storage_options=job.storage_options, image_column=job.image_column)
     # Two read tasks per actor in flight: enough read-ahead to keep the actors fed, bounded memory.
-    ds = ds.map_batches(read, batch_size=None, batch_format="numpy", compute=TaskPoolStrategy(size=2 * hi))
+    tasks = TaskPoolStrategy(size=min(blocks, 2 * hi))
+    ds = ds.map_batches(read, batch_size=None, batch_format="numpy", compute=tasks)
     decode = DecodeImages(plan.model.short_side, plan.model.max_long_side, job.max_pixels)
     pool = ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
     with warnings.catch_warnings():
