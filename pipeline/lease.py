@@ -82,18 +82,22 @@ def _generation(name: str) -> int | None:
     return None
 
 
-def _newest(fs, root: str) -> tuple[int, Holder | None]:
-    """The newest generation number (0 when none) and its holder (None when none, or unreadable)."""
+def _generations(fs, root: str) -> list[int]:
     directory = storage.join(root, LEASE_DIR)
     fs.invalidate_cache(directory)
     try:
         names = fs.ls(directory, detail=False)
     except FileNotFoundError:
-        return 0, None
-    generations = [g for g in map(_generation, names) if g is not None]
+        return []
+    return sorted(g for g in map(_generation, names) if g is not None)
+
+
+def _newest(fs, root: str) -> tuple[int, Holder | None]:
+    """The newest generation number (0 when none) and its holder (None when none, or unreadable)."""
+    generations = _generations(fs, root)
     if not generations:
         return 0, None
-    newest = max(generations)
+    newest = generations[-1]
     try:
         # One GET (cat_file): s3fs's open() pins the ETag and fails when a heartbeat rewrites the object
         # between its HEAD and its GET.
@@ -197,11 +201,17 @@ def acquire(fs, root: str, *, run_id: str, kind: str, ttl_s: float | None = None
     )
     if not storage.create_exclusive(fs, _path(root, generation + 1), _encode(mine)):
         _, winner = _newest(fs, root)  # another run took over at the same moment
-        raise _held(fs, root, winner or holder or mine, time.time())
+        raise _held(fs, root, winner, time.time())
+    for older in _generations(fs, root):  # those before ours are dead: a released output holds none
+        if older <= generation:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(_path(root, older))
     return Lease(fs, root, generation + 1, mine, ttl)
 
 
-def _held(fs, root: str, holder: Holder, now: float) -> LeaseHeldError:
+def _held(fs, root: str, holder: Holder | None, now: float) -> LeaseHeldError:
+    if holder is None:  # the winner of a race has released already
+        return LeaseHeldError(f"{storage.full_uri(fs, root)} was taken by another run just now; try again")
     return LeaseHeldError(
         f"{storage.full_uri(fs, root)} is in use by {holder.describe()}; its lease expires in "
         f"{max(0, round(holder.expires - now))} s unless renewed. Wait for that run to finish, or write to "

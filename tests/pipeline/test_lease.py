@@ -95,8 +95,8 @@ def test_an_expired_lease_is_taken_over(out_root):
     fs, root = storage.url_to_fs(out_root)
     plant(fs, root, 3, expires=time.time() - 1)  # a run on another machine that stopped beating
     with acquire(fs, root, run_id="run-b", kind="label") as held:
-        assert held.generation == 4 and lease_names(fs, root) == ["00000003.json", "00000004.json"]
-    assert lease_names(fs, root) == ["00000003.json"]
+        assert held.generation == 4 and lease_names(fs, root) == ["00000004.json"]  # the dead one dropped
+    assert lease_names(fs, root) == []
 
 
 def test_a_dead_process_on_this_machine_is_taken_over_at_once(out_root):
@@ -109,12 +109,28 @@ def test_a_dead_process_on_this_machine_is_taken_over_at_once(out_root):
 
 
 def test_two_runs_taking_over_at_once_one_wins(out_root):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
     fs, root = storage.url_to_fs(out_root)
     plant(fs, root, 1, expires=time.time() - 1)
-    # The other run created generation 2 between our read of generation 1 and our create.
-    plant(fs, root, 2, run_id="run-fast")
-    with pytest.raises(LeaseHeldError, match="run-fast"):
-        acquire(fs, root, run_id="run-slow", kind="label")
+    start = Barrier(4)
+
+    def take(run_id: str):
+        start.wait()
+        try:
+            return acquire(storage.url_to_fs(out_root)[0], root, run_id=run_id, kind="label")
+        except LeaseHeldError as e:
+            return e
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(take, [f"run-{i}" for i in range(4)]))
+    won = [r for r in results if not isinstance(r, LeaseHeldError)]
+    assert len(won) == 1 and won[0].generation == 2
+    for refused in results:
+        if isinstance(refused, LeaseHeldError):
+            assert "was taken by another run" in str(refused) or won[0].holder.run_id in str(refused)
+    won[0].release()
 
 
 def test_a_lost_lease_stops_commits(out_root):
