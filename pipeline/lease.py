@@ -171,10 +171,15 @@ class Lease:
         """Stop the heartbeat and delete our lease object (unless another run has taken over)."""
         self._stop.set()
         self._thread.join()
-        generation, holder = _newest(self.fs, self.root)
-        if generation == self.generation and holder is not None and holder.token == self.holder.token:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self.path)
+        try:
+            generation, holder = _newest(self.fs, self.root)
+            if generation == self.generation and holder is not None and holder.token == self.holder.token:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self.path)
+        except Exception as e:  # never hide the error a run ends with; the lease expires on its own
+            log.warning(
+                "lease %s not released (it expires in %g s): %s", self.path, self.ttl_s, storage.redact(e)
+            )
 
     def __enter__(self) -> Lease:
         return self

@@ -123,3 +123,15 @@ def test_a_missing_model(where, tmp_path):
     job = LabelJob(input=src, output=out, model=str(tmp_path / "nope.pt"), vocabulary="cat,")
     refused(job, "model .* cannot be used: FileNotFoundError")
     assert nothing_under(out)
+
+
+def test_the_cli_refuses_in_one_line_and_starts_no_ray(where, capsys, monkeypatch):
+    from jobs.cli import main
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what main() would set before a local Ray; restored after
+    src, out = where
+    assert main(["label", src, out, "--model", "tiny", "--vocabulary", f"cat,{LONG_NAME}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ebseg: error: vocabulary: 1 class name(s) do not fit")
+    assert not any("Ray" in line for line in err)  # neither "started an embedded local Ray" nor Ray's lines
+    assert nothing_under(out)
