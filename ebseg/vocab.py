@@ -175,7 +175,7 @@ class Vocabulary:
         spec = spec.strip()
         if _benchmark_short_name(spec) is not None:
             return cls.from_benchmark(spec)
-        if "://" in spec or "::" in spec or Path(spec).is_file():
+        if "://" in spec or "::" in spec or _is_file(spec):
             return cls.from_file(spec)
         if "," not in spec:
             raise ValueError(
@@ -359,3 +359,11 @@ def _parse_text(text: str, *, source: str) -> tuple[list[str], list[tuple[str, .
             names.append(line)
             synonyms.append(default_synonyms(line))
     return names, synonyms
+
+
+def _is_file(spec: str) -> bool:
+    """``Path.is_file``, False for a string too long to be a path (a long list of class names)."""
+    try:
+        return Path(spec).is_file()
+    except OSError:  # ENAMETOOLONG
+        return False

@@ -25,7 +25,7 @@ from torch import nn
 
 from ebseg.build import build_ebseg
 from ebseg.checkpoint import FORMAT, load, model_from_official, read_object, to_device
-from ebseg.config import EBSegConfig, get_config
+from ebseg.config import ClipConfig, EBSegConfig, get_config
 from ebseg.downloads import HF_FILES, WeightsUnavailableError, official_file
 from ebseg.official import infer_official_preset, is_official_state_dict, unwrap_state_dict
 from ebseg.precision import autocast_dtype
@@ -51,6 +51,7 @@ class ModelInfo:
     model_id: stable id written into every record: ``tiny:random-seed0``, ``base:official`` (the released
     EBSeg-B), or ``<preset>:sha256-<16 hex of the checkpoint file>`` for demo and checkpoint paths.
     short_side / max_long_side: the resize the decode stage applies (``Segmenter.input_shape``).
+    context_length: tokens the text tower takes per prompt (a longer class name would be cut).
     vocabulary: the vocabulary the checkpoint was trained on (``Vocabulary.to_dict`` form, as ``ebseg
     train`` and the demo checkpoint store it), or None when the model carries none.
     """
@@ -62,6 +63,7 @@ class ModelInfo:
     max_long_side: int = MAX_LONG_SIDE
     random_weights: bool = False
     vocabulary: Mapping | None = None
+    context_length: int = ClipConfig.context_length
 
     def resolve_vocabulary(self, value: str | Vocabulary | None) -> Vocabulary:
         """The vocabulary a job labels with: ``value`` when given, else the one the model was trained on."""
@@ -116,13 +118,30 @@ def describe_model(spec: str) -> ModelInfo:
             RandomWeightsWarning,
             stacklevel=2,
         )
-        short_side = get_config(spec).short_side
-        return ModelInfo(spec, f"{spec}:random-seed{RANDOM_SEED}", spec, short_side, random_weights=True)
+        config = get_config(spec)
+        return ModelInfo(
+            spec,
+            f"{spec}:random-seed{RANDOM_SEED}",
+            spec,
+            config.short_side,
+            random_weights=True,
+            context_length=config.clip.context_length,
+        )
     if spec in HF_FILES:
-        return ModelInfo(spec, f"{spec}:official", spec, get_config(spec).short_side)
+        config = get_config(spec)
+        return ModelInfo(
+            spec, f"{spec}:official", spec, config.short_side, context_length=config.clip.context_length
+        )
     config, sha, vocabulary = _checkpoint_config(DEMO_WEIGHTS if spec == "demo" else spec)
     model_id = f"{config.name}:sha256-{sha[:16]}"
-    return ModelInfo(spec, model_id, config.name, config.short_side, vocabulary=vocabulary)
+    return ModelInfo(
+        spec,
+        model_id,
+        config.name,
+        config.short_side,
+        vocabulary=vocabulary,
+        context_length=config.clip.context_length,
+    )
 
 
 def load_official(

@@ -75,14 +75,18 @@ def default_vocabulary(spec) -> None:
 
 def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.label.plan import OutputMismatchError
+    from pipeline.label.preflight import PreflightError
     from pipeline.label.run import IncompleteRunError, run
+    from pipeline.lease import LeaseHeldError, LeaseLostError
 
     default_vocabulary(spec)
     job = spec.to_job()
     try:
-        with _ray(args):
-            summary = run(job)
-    except (IncompleteRunError, OutputMismatchError) as e:
+        # Ray starts only after the preflight and the output's lease, once there is work for it.
+        summary = run(job, connect=lambda: _ray(args))
+    except (
+        IncompleteRunError, OutputMismatchError, PreflightError, LeaseHeldError, LeaseLostError
+    ) as e:  # fmt: skip
         raise CommandError(str(e)) from e
     if not args.json:
         errors = ", ".join(f"{k}: {v}" for k, v in summary["errors_by_reason"].items())

@@ -5,6 +5,7 @@ Schema version 2 (written now)::
     OUT/images/<shard_id>/<part>.parquet   part files of one input shard, written by the workers
     OUT/_manifest/<shard_id>.json          the commit mark of the shard: lists its part files (``files``)
     OUT/job.json  OUT/vocabulary.json  OUT/summary.json
+    OUT/_lease/<generation>.json           while a run holds the output (``pipeline.lease``; not data)
 
 Schema version 1 (still read)::
 

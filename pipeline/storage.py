@@ -7,9 +7,11 @@ or from explicit ``storage_options`` passed to fsspec. Credentials never travel 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -53,9 +55,36 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+# Test hook, not a user setting: after this many successful writes in a process, every further write fails
+# as a full disk does (OSError ENOSPC). Tests set it to show that a disk filling mid-run leaves only whole
+# committed shards and that a rerun finishes the job.
+FAIL_WRITES_AFTER_ENV = "EBSEG_TEST_FAIL_WRITES_AFTER"
+_writes = 0
+_writes_lock = threading.Lock()
+
+
+def _count_write(path: str) -> None:
+    """Count one write, or raise ENOSPC when the test hook says the disk is full."""
+    global _writes
+    limit = os.environ.get(FAIL_WRITES_AFTER_ENV)
+    with _writes_lock:
+        if limit is not None and _writes >= int(limit):
+            raise OSError(errno.ENOSPC, f"No space left on device ({FAIL_WRITES_AFTER_ENV}={limit})", path)
+        _writes += 1
+
+
+def reset_write_count() -> None:
+    """Start the test hook's count again (tests that set ``EBSEG_TEST_FAIL_WRITES_AFTER``)."""
+    global _writes
+    with _writes_lock:
+        _writes = 0
+
+
 def _make_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    # Local files only: object stores have no directories, and s3fs's makedirs would create a missing
+    # bucket, turning a mistyped bucket name into a new bucket instead of an error.
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
+    if parent and is_local(fs):
         fs.makedirs(parent, exist_ok=True)
 
 
@@ -75,6 +104,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     Local files go to a temporary name in the same directory and are renamed (atomic on POSIX). On object
     stores a single PUT of the whole body is atomic already: the object appears only when complete.
     """
+    _count_write(path)
     _make_parent(fs, path)
     if is_local(fs):
         os.replace(_local_temp_copy(path, data), path)
@@ -98,6 +128,7 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     On S3: one PUT with ``If-None-Match: *`` (the store refuses it when the key exists). Elsewhere: an
     existence check then a write, which is exclusive only against writers that are not concurrent.
     """
+    _count_write(path)
     _make_parent(fs, path)
     if is_local(fs):
         tmp = _local_temp_copy(path, data)

@@ -32,6 +32,17 @@ VILD_TEMPLATES = (
 )
 
 
+def overlong_names(
+    names: Sequence[str], *, context_length: int, templates: Sequence[str] = VILD_TEMPLATES
+) -> list[str]:
+    """The names whose longest prompt takes more than ``context_length`` tokens (start and end of text
+    included): ``open_clip.tokenize`` would cut them silently and the class would be encoded wrong."""
+    from open_clip.tokenizer import _tokenizer  # open_clip's own BPE, as tokenize() uses it
+
+    room = context_length - 2  # the start- and end-of-text tokens
+    return [n for n in names if any(len(_tokenizer.encode(t.format(n))) > room for t in templates)]
+
+
 class TextClassifier(nn.Module):
     """Takes the text parts of an open_clip ``CLIP`` (so its weights load by name)."""
 

@@ -126,6 +126,8 @@ class ShardCommitter:
     and left uncommitted, for a rerun.
     manifest_fields: written into every manifest (run_id, model_id, vocabulary_id).
     on_commit: called on the driver's thread with each manifest, for progress display.
+    guard: called before each manifest is created; raises to stop the commit (``pipeline.lease``: a run
+    that lost the output's lease must not commit another shard).
     """
 
     def __init__(
@@ -137,12 +139,14 @@ class ShardCommitter:
         manifest_fields: Mapping[str, Any] | None = None,
         max_commits: int = 8,
         on_commit=None,
+        guard=None,
     ):
         self.fs, self.root = fs, root
         self.expected = {check_shard_id(s) for s in expected_shards}
         self.manifest_fields = dict(manifest_fields or {})
         self.max_commits = max_commits
         self.on_commit = on_commit
+        self.guard = guard
         self.report = CommitReport()
         self._shards: dict[str, _Shard] = {}
         self._committed: set[str] = set()
@@ -221,6 +225,8 @@ class ShardCommitter:
         }
         path = storage.join(self.root, MANIFEST_DIR, f"{shard_id}.json")
         data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        if self.guard is not None:
+            self.guard()
         won = storage.create_exclusive(self.fs, path, data)
         if not won:  # another run committed this shard first: its manifest decides, ours is dropped
             manifest = storage.read_json(self.fs, path)

@@ -73,9 +73,12 @@ def _identity(job: LabelJob, model: ModelInfo, vocabulary: Vocabulary) -> dict[s
     }
 
 
-def make_plan(job: LabelJob) -> LabelPlan:
-    """Resolve the vocabulary, describe the model (without building it) and fix the run id."""
-    model = describe_model(job.model)
+def make_plan(job: LabelJob, *, model: ModelInfo | None = None) -> LabelPlan:
+    """Resolve the vocabulary, describe the model (without building it) and fix the run id.
+
+    model: ``job.model`` described already (the preflight reads the checkpoint's config once).
+    """
+    model = model or describe_model(job.model)
     vocabulary = model.resolve_vocabulary(job.vocabulary)  # omitted: the one the model was trained on
     run_id = job.run_id
     if run_id is None:

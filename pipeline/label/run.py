@@ -13,10 +13,12 @@ encoded (decoding happens inside the model actor), so they stay small enough to 
 Data's cost per block on the driver (~7.5 ms per block and operator) is spread over many images, with no
 repartition step; the model stage cuts a block into its own batches.
 
-``run(job)`` writes under ``job.output``: ``images/<shard_id>/<part>.parquet``, ``_manifest/<shard_id>.json``,
-``job.json``, ``vocabulary.json`` and ``summary.json`` (see ``docs/schema.md``). Committed shards (those with
-a manifest) are skipped by a rerun; a rerun with another model, vocabulary or input into the same output is
-refused (``OutputMismatchError``, see ``pipeline.label.plan``).
+``run(job)`` checks the job first (``pipeline.label.preflight``), takes the output's lease
+(``pipeline.lease``: one run at a time per output), then starts Ray. It writes under ``job.output``:
+``images/<shard_id>/<part>.parquet``, ``_manifest/<shard_id>.json``, ``job.json``, ``vocabulary.json`` and
+``summary.json`` (see ``docs/schema.md``). Committed shards (those with a manifest) are skipped by a rerun;
+a rerun with another model, vocabulary or input into the same output is refused (``OutputMismatchError``,
+see ``pipeline.label.plan``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,11 +43,13 @@ from pipeline.label.job import LabelJob
 from pipeline.label.listing import Shard, list_shards
 from pipeline.label.parts import PartWriter
 from pipeline.label.plan import LabelPlan, claim_output, job_record, make_plan
+from pipeline.label.preflight import preflight
 from pipeline.label.progress import Progress
 from pipeline.label.reading import ReadShards
 from pipeline.label.records import Provenance
 from pipeline.label.segment import SegmentImages
 from pipeline.layout import SUMMARY_FILE, committed_shards
+from pipeline.lease import Lease, acquire
 
 WAVE_SHARDS = 1024  # shards listed, then labelled, per streaming execution (see run)
 
@@ -179,15 +183,46 @@ def _waves(shards: Iterable[Shard], size: int) -> Iterator[list[Shard]]:
         yield wave
 
 
-def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) -> dict[str, Any]:
+def run(
+    job: LabelJob,
+    *,
+    model_stage_cls: type[SegmentImages] = SegmentImages,
+    connect: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, Any]:
     """Label every image of ``job.input`` not yet committed under ``job.output``; return the summary.
 
-    Uses the connected Ray, else ``$RAY_ADDRESS``, else a new local Ray (``pipeline.cluster``).
+    First the preflight (``pipeline.label.preflight``: PreflightError) and the output's lease
+    (``pipeline.lease``: LeaseHeldError while another run holds it), then Ray, only once there is work:
+    ``connect()`` is entered then (the CLI's Ray session), else ``pipeline.cluster.ensure_ray`` uses the
+    connected Ray, ``$RAY_ADDRESS`` or a new local one.
     model_stage_cls: the model stage's class (tests pass subclasses that fail on purpose).
     """
     start = time.monotonic()
-    plan = make_plan(job)
+    plan = preflight(job)
     fs, root = storage.url_to_fs(job.output, job.storage_options)
+    with acquire(fs, root, run_id=plan.run_id, kind="label") as held, contextlib.ExitStack() as ray_session:
+
+        def start_ray() -> None:
+            if connect is None:
+                ensure_ray()
+            else:
+                ray_session.enter_context(connect())
+
+        return _label(job, plan, fs, root, start=start, held=held, start_ray=start_ray, stage=model_stage_cls)
+
+
+def _label(
+    job: LabelJob,
+    plan: LabelPlan,
+    fs,
+    root: str,
+    *,
+    start: float,
+    held: Lease,
+    start_ray: Callable[[], None],
+    stage: type[SegmentImages],
+) -> dict[str, Any]:
+    """The run once the output is ours: claim it, skip committed shards, label the rest in waves."""
     record = job_record(job, plan)
     claim_output(fs, root, record, plan, explicit_run_id=job.run_id is not None)
     done = committed_shards(fs, root)
@@ -202,10 +237,15 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
     progress = Progress(total_shards=0, enabled=job.progress, listing_complete=False)
     fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
     shards = skipped = 0
+    ray_started = False
     with (
         _quiet_ray_data(job.progress),
         ShardCommitter(
-            root, fs=fs, manifest_fields=fields, on_commit=lambda manifest: progress.update(shards=1)
+            root,
+            fs=fs,
+            manifest_fields=fields,
+            on_commit=lambda manifest: progress.update(shards=1),
+            guard=held.check,  # a run that lost the output's lease commits nothing more
         ) as committer,
     ):
         # Shards are scheduled in waves as the listing streams, so the driver holds at most one wave's
@@ -217,9 +257,11 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
             progress.listed(shards, skipped, complete=len(wave) < WAVE_SHARDS)  # a short wave ends it
             if not todo:
                 continue
-            ensure_ray()
+            if not ray_started:
+                start_ray()
+                ray_started = True
             committer.expect(s.shard_id for s in todo)
-            ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=model_stage_cls)
+            ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=stage)
             for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.update(images=committer.add(parts))
         report = committer.close()
@@ -227,10 +269,11 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
     progress.listed(shards, skipped, complete=True)
     progress.close()
     end = time.monotonic()
-    # The listing streams alongside the labelling, so "label" covers both; "setup" is model description,
-    # output checks and the manifest listing.
+    # The listing streams alongside the labelling, so "label" covers both; "setup" is the preflight, the
+    # lease, the output checks and the manifest listing.
     seconds = {"total": end - start, "setup": ready - start, "label": end - ready}
     summary = _summarize(record=record, shards=shards, skipped=skipped, report=report, seconds=seconds)
+    held.check()  # a summary marks the output clean (see clean_after_interruption): only its holder writes it
     storage.write_json_atomic(fs, storage.join(root, SUMMARY_FILE), summary)
     if report.incomplete:
         raise IncompleteRunError(

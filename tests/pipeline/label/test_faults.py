@@ -334,3 +334,103 @@ def test_parts_written_by_a_task_that_then_died_are_never_read_and_are_deleted(
     assert (summary["images"], summary["ok"], summary["shards_written"]) == (4, 4, 1)
     assert summary["orphans_deleted"] >= 1  # the dead attempt's parts: left out of the manifest, deleted
     check_manifests(out, check_output(out, expected))  # every image once; no file beside the listed ones
+
+
+# ------------------------------------------------------------------------- one run per output; a full disk
+
+
+def test_a_second_label_run_is_refused_while_the_first_holds_the_output(
+    ray_local, tiny_ckpt, photos, tmp_path, capsys
+):
+    from jobs.cli import main
+
+    expected = write_photos(tmp_path / "in", small_photos(photos, 6))  # 6 s at least, at 1 s a batch
+    out = str(tmp_path / "out")
+    spec = {
+        "input": str(tmp_path / "in"),
+        "output": out,
+        "model": tiny_ckpt,
+        "vocabulary": VOCAB,
+        "files_per_shard": 1,
+        "batch_size": 1,
+        "rows_per_block": 1,
+        "progress": False,
+    }
+    address = ray_local.get_runtime_context().gcs_address
+    first = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, address, json.dumps(spec)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "out" / "_lease").glob("*.json")):
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first run never took the lease"
+            time.sleep(0.2)
+        argv = [
+            "label",
+            spec["input"],
+            out,
+            "--model",
+            tiny_ckpt,
+            "--vocabulary",
+            VOCAB,
+            "--files-per-shard",
+            "1",
+        ]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ebseg: error: ")
+        assert f"pid {first.pid}" in err[0] and "label run run-" in err[0] and "expires in" in err[0]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a crash: its lease stays behind, unexpired
+        first.wait()
+        first.stderr.close()
+    # The holder's process is dead on this machine: its lease is taken over at once, the job finished.
+    run(LabelJob(**spec))
+    check_manifests(out, check_output(out, expected))
+    assert not list((tmp_path / "out" / "_lease").glob("*.json"))  # released
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_disk_filling_mid_run_leaves_whole_shards_and_the_rerun_finishes(
+    where, ray_local, s3_server, tiny_ckpt, photos, tmp_path, monkeypatch
+):
+    from pipeline import lease
+
+    expected = write_photos(tmp_path / "in", small_photos(photos, 4))
+    out = str(tmp_path / "out") if where == "local" else f"s3://{s3_server.bucket('full')}/out"
+    job = LabelJob(
+        input=str(tmp_path / "in"), output=out, model=tiny_ckpt, vocabulary=VOCAB, files_per_shard=1,
+        batch_size=1, rows_per_block=1, progress=False,
+    )  # fmt: skip
+    monkeypatch.setattr(lease, "LEASE_TTL_S", 600.0)  # no heartbeat write among the counted ones
+    # The driver's writes: the preflight's probe, vocabulary.json, job.json, the lease, then one manifest per
+    # shard. After the sixth the disk is full: two shards commit, the other two cannot.
+    storage.reset_write_count()
+    monkeypatch.setenv(storage.FAIL_WRITES_AFTER_ENV, "6")
+    with pytest.raises(OSError, match="No space left on device"):
+        run(job)
+    monkeypatch.delenv(storage.FAIL_WRITES_AFTER_ENV)
+    fs, root = storage.url_to_fs(out)
+    fs.invalidate_cache()
+    committed = fs.ls(storage.join(root, "_manifest"), detail=False)
+    assert 1 <= len(committed) < 4, committed
+    partial = check_manifests(out, check_output_rows_table(out))  # committed shards are whole and readable
+    assert len(partial) == len(committed)
+    assert not fs.exists(storage.join(root, "summary.json"))
+
+    again = run(job)
+    assert (again["shards_skipped"], again["shards_written"]) == (len(committed), 4 - len(committed))
+    check_manifests(out, check_output(out, expected))  # every image once, no orphan left
+
+
+def check_output_rows_table(out: str):
+    from tests.pipeline.label.test_run import read_images
+
+    table = read_images(out)
+    assert len(set(table.column("image_id").to_pylist())) == table.num_rows  # no image twice
+    return table
