@@ -32,6 +32,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from pipeline import storage
 from pipeline.cluster import ensure_ray
+from pipeline.label import diehook
 from pipeline.label.commit import CommitReport, ShardCommitter, clean_after_interruption
 from pipeline.label.decode import DecodeImages
 from pipeline.label.job import LabelJob
@@ -81,6 +82,8 @@ def build_label_dataset(
     # The actor pool hands out whole blocks: blocks of `rows` images (fused with decode) amortise the
     # driver's per-block cost, and block_rows keeps enough of them for every actor on a small input.
     ds = ds.repartition(target_num_rows_per_block=rows)
+    # The test hook's variables reach the workers (see pipeline.label.diehook); nothing when unset.
+    hook_env = {"runtime_env": {"env_vars": diehook.ray_env()}} if diehook.ray_env() else {}
     lo, hi = job.actor_range
     pool = ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
     with warnings.catch_warnings():
@@ -99,9 +102,14 @@ def build_label_dataset(
             # default is forever, which would loop on an image that kills the process every time).
             max_restarts=job.max_restarts,
             max_task_retries=job.max_restarts,
+            **hook_env,
         )
-    if not job.encode_in_actor:
-        ds = ds.map_batches(writer, batch_size=None, batch_format="numpy")
+        if not job.encode_in_actor:
+            # A writer task whose process dies is retried a bounded number of times too (Ray's default
+            # for a system failure retries a task that kills its worker for a very long time).
+            ds = ds.map_batches(
+                writer, batch_size=None, batch_format="numpy", max_retries=job.max_restarts, **hook_env
+            )
     return ds
 
 
