@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.label import diehook
 from pipeline.layout import IMAGES_DIR, MANIFEST_DIR, SCHEMA_VERSION, SUMMARY_FILE, manifest_files
 
 # Shard ids become file names on every store: keep them to a portable alphabet.
@@ -227,8 +228,10 @@ class ShardCommitter:
         data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         if self.guard is not None:
             self.guard()
-        won = storage.create_exclusive(self.fs, path, data)
-        if not won:  # another run committed this shard first: its manifest decides, ours is dropped
+        won = storage.create_exclusive(self.fs, path, data) or _ours_already(self.fs, path, data)
+        if won:
+            diehook.reached("after-manifest")
+        else:  # another run committed this shard first: its manifest decides, ours is dropped
             manifest = storage.read_json(self.fs, path)
         deleted = delete_orphans(self.fs, self.root, shard_id, manifest)
         return {"manifest": manifest, "won": won, "deleted": deleted}
@@ -261,6 +264,17 @@ class ShardCommitter:
         return self.report
 
 
+def _ours_already(fs, path: str, data: bytes) -> bool:
+    """True when the manifest at ``path`` holds exactly ``data``: our own create, whose response was lost
+    and which the S3 client retried (the retry then finds the key taken), not another run's commit. Our
+    bytes carry this run's id and a timestamp to the second, so another run's manifest differs."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False
+
+
 def delete_orphans(fs, root: str, shard_id: str, manifest: Mapping[str, Any]) -> int:
     """Delete the part files of a committed shard that its manifest does not list; returns how many.
 
@@ -275,6 +289,7 @@ def delete_orphans(fs, root: str, shard_id: str, manifest: Mapping[str, Any]) ->
         return 0
     orphans = [n for n in names if n.endswith(".parquet") and n not in listed]
     for path in orphans:
+        diehook.reached("mid-cleanup")
         with contextlib.suppress(FileNotFoundError):  # another run's cleanup got there first
             fs.rm_file(path)
     return len(orphans)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
+from pipeline.label import diehook
 from pipeline.label.records import Provenance, encode_batch, parquet_bytes
 from pipeline.layout import IMAGES_DIR
 
@@ -127,7 +128,9 @@ class PartWriter:
             raise ValueError(f"shard {shard}: a block holds one row index twice")
         data = parquet_bytes(table)
         name = part_name(shard, indices)
+        diehook.reached("before-part-write")
         storage.write_bytes_atomic(fs, storage.join(root, name), data)
+        diehook.reached("after-part-write")
         statuses, messages = table["status"].to_pylist(), table["error"].to_pylist()
         errors = Counter(reason(e) for s, e in zip(statuses, messages) if s != "ok")
         share = table.column("_forward_share")

@@ -37,6 +37,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from pipeline import storage
 from pipeline.cluster import ensure_ray
+from pipeline.label import diehook
 from pipeline.label.commit import CommitReport, ShardCommitter, clean_after_interruption
 from pipeline.label.decode import DecodeImages
 from pipeline.label.job import LabelJob
@@ -81,6 +82,8 @@ def build_label_dataset(
         job.output, names=plan.vocabulary.names, provenance=provenance, storage_options=job.storage_options
     )
     rows = block_rows(job, shards)
+    # The test hook's variables reach the workers (see pipeline.label.diehook); nothing when unset.
+    hook_env = {"runtime_env": {"env_vars": diehook.ray_env()}} if diehook.ray_env() else {}
     lo, hi = job.actor_range
     # One input block per ~`rows` images (several files shards each), read by one task into blocks of
     # `rows` encoded images: the actor pool hands out whole blocks, so these amortise the driver's
@@ -110,9 +113,14 @@ def build_label_dataset(
             # default is forever, which would loop on an image that kills the process every time).
             max_restarts=job.max_restarts,
             max_task_retries=job.max_restarts,
+            **hook_env,
         )
-    if not job.encode_in_actor:
-        ds = ds.map_batches(writer, batch_size=None, batch_format="numpy")
+        if not job.encode_in_actor:
+            # A writer task whose process dies is retried a bounded number of times too (Ray's default
+            # for a system failure retries a task that kills its worker for a very long time).
+            ds = ds.map_batches(
+                writer, batch_size=None, batch_format="numpy", max_retries=job.max_restarts, **hook_env
+            )
     return ds
 
 

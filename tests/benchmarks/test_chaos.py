@@ -1,0 +1,31 @@
+"""The chaos run, one short round: processes are killed, S3 faults are injected, and the committed output
+still holds every image exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_one_chaos_round_loses_and_duplicates_nothing():
+    env = {**os.environ, "RAY_agent_register_timeout_ms": "120000", "PYTHONPATH": str(REPO)}
+    args = ["--rounds", "1", "--images", "40", "--files-per-shard", "8", "--fault-rate", "0.1", "--json"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "chaos.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["rounds"] == 1 and report["per_round"][0]["records"] == 40
+    assert (report["images_lost"], report["images_duplicated"]) == (0, 0)
+    assert report["kills"]["driver"] == 1 and report["driver_runs"] >= 2  # killed once, then rerun
+    assert report["kills"]["actor"] + report["kills"]["worker"] >= 1
+    assert sum(report["s3_faults"].values()) >= 1
