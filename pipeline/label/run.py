@@ -11,7 +11,8 @@ driver receives one small row per part file. Blocks hold ``rows_per_block`` imag
 block on the driver is spread over many images; the model stage cuts them into its own batches.
 
 ``run(job)`` writes under ``job.output``: ``images/<shard_id>/<part>.parquet``, ``_manifest/<shard_id>.json``,
-``job.json``, ``vocabulary.json`` and ``summary.json`` (see ``docs/schema.md``). Committed shards (those with
+``job.json``, ``vocabulary.json`` and ``summary.json`` (see ``docs/schema.md``); with ``job.proposals``
+also ``proposals/<shard_id>/<part>.parquet`` and ``proposals.json``. Committed shards (those with
 a manifest) are skipped by a rerun; a rerun with another model, vocabulary or input into the same output is
 refused (``OutputMismatchError``, see ``pipeline.label.plan``).
 """
@@ -37,7 +38,7 @@ from pipeline.label.decode import DecodeImages
 from pipeline.label.job import LabelJob
 from pipeline.label.listing import Shard, list_shards
 from pipeline.label.parts import PartWriter
-from pipeline.label.plan import LabelPlan, claim_output, job_record, make_plan
+from pipeline.label.plan import LabelPlan, claim_output, job_record, make_plan, proposals_info
 from pipeline.label.progress import Progress
 from pipeline.label.reading import ReadShard
 from pipeline.label.records import Provenance
@@ -70,8 +71,13 @@ def build_label_dataset(
     per part file the workers wrote under ``job.output``. Nothing runs until consumed."""
     plan = plan or make_plan(job)
     provenance = Provenance(plan.model.model_id, plan.vocabulary.id, plan.run_id)
+    encoding = plan.proposals_encoding(job)
     writer = PartWriter(
-        job.output, names=plan.vocabulary.names, provenance=provenance, storage_options=job.storage_options
+        job.output,
+        names=plan.vocabulary.names,
+        provenance=provenance,
+        storage_options=job.storage_options,
+        proposals_encoding=encoding,
     )
     rows = block_rows(job, shards)
     ds = ray.data.from_items([s.to_row() for s in shards], override_num_blocks=max(1, len(shards)))
@@ -91,7 +97,10 @@ def build_label_dataset(
             batch_size=rows,
             batch_format="numpy",
             fn_constructor_args=(plan.segmenter_settings(job),),
-            fn_constructor_kwargs={"write_with": writer if job.encode_in_actor else None},
+            fn_constructor_kwargs={
+                "write_with": writer if job.encode_in_actor else None,
+                "proposals_encoding": encoding,
+            },
             compute=pool,
             num_cpus=job.cpus_per_actor,
             num_gpus=job.gpus_per_actor or None,
@@ -117,7 +126,7 @@ def _quiet_ray_data(enabled: bool):
         context.enable_progress_bars = before
 
 
-def _summarize(
+def summarize(
     *,
     record: Mapping[str, Any],
     shards: int,
@@ -182,7 +191,14 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
     plan = make_plan(job)
     fs, root = storage.url_to_fs(job.output, job.storage_options)
     record = job_record(job, plan)
-    claim_output(fs, root, record, plan, explicit_run_id=job.run_id is not None)
+    claim_output(
+        fs,
+        root,
+        record,
+        plan.vocabulary,
+        explicit_run_id=job.run_id is not None,
+        proposals=proposals_info(job, plan),
+    )
     done = committed_shards(fs, root)
     orphans = clean_after_interruption(fs, root) if done else 0
     ready = time.monotonic()
@@ -223,7 +239,7 @@ def run(job: LabelJob, *, model_stage_cls: type[SegmentImages] = SegmentImages) 
     # The listing streams alongside the labelling, so "label" covers both; "setup" is model description,
     # output checks and the manifest listing.
     seconds = {"total": end - start, "setup": ready - start, "label": end - ready}
-    summary = _summarize(record=record, shards=shards, skipped=skipped, report=report, seconds=seconds)
+    summary = summarize(record=record, shards=shards, skipped=skipped, report=report, seconds=seconds)
     storage.write_json_atomic(fs, storage.join(root, SUMMARY_FILE), summary)
     if report.incomplete:
         raise IncompleteRunError(

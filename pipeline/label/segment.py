@@ -22,6 +22,7 @@ from ebseg.data.labels import label_bits
 from ebseg.zoo import SegmenterSettings
 from pipeline.batches import object_column
 from pipeline.label.parts import PartWriter
+from pipeline.label.proposal_records import empty_masks, encode_proposals
 from pipeline.label.records import to_storage
 
 
@@ -49,10 +50,20 @@ class SegmentImages:
     (the batch is retried image by image to find it), so one bad image never fails a batch.
     write_with: when given, the actor also encodes and writes the records (``PartWriter``) and returns its
     part metadata instead, with no separate write stage.
+    proposals_encoding: (mask, embedding) encoding: each row also carries its image's encoded proposals
+    (``proposal_masks``, ``proposal_embeddings``, ``proposal_input_size``, see
+    ``pipeline.label.proposal_records``), from the same forward pass as its labels.
     """
 
-    def __init__(self, settings: SegmenterSettings, *, write_with: PartWriter | None = None):
+    def __init__(
+        self,
+        settings: SegmenterSettings,
+        *,
+        write_with: PartWriter | None = None,
+        proposals_encoding: tuple[str, str] | None = None,
+    ):
         self.segmenter = settings.load()
+        self.proposals_encoding = proposals_encoding
         self.vocabulary = settings.vocabulary
         self.batch_size = settings.batch_size
         self.dtype = np.uint8 if label_bits(len(self.vocabulary)) == 8 else np.uint16
@@ -70,19 +81,29 @@ class SegmentImages:
             out.extend(indices[s : s + self.batch_size] for s in range(0, len(indices), self.batch_size))
         return sorted(out, key=len, reverse=True)
 
-    def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
-        """Predictions, or an exception per image that failed on its own."""
-        try:
-            self.forwards += 1
+    def _run(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
+        """One forward pass: Predictions, or (Prediction, encoded proposals) pairs when storing proposals."""
+        self.forwards += 1
+        if self.proposals_encoding is None:
             return self.segmenter.predict(images, output_sizes=sizes)
+        proposals = self.segmenter.propose(images, output_sizes=sizes)
+        predictions = self.segmenter.label(proposals, sizes)
+        return [
+            (prediction, encode_proposals(p, self.proposals_encoding))
+            for prediction, p in zip(predictions, proposals)
+        ]
+
+    def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
+        """Results of ``_run``, or an exception per image that failed on its own."""
+        try:
+            return self._run(images, sizes)
         except Exception:
             if len(images) == 1:
                 raise
         results: list[Any] = []
         for image, size in zip(images, sizes):
             try:
-                self.forwards += 1
-                [prediction] = self.segmenter.predict([image], output_sizes=[size])
+                [prediction] = self._run([image], [size])
                 results.append(prediction)
             except Exception as e:
                 if torch.cuda.is_available():
@@ -101,6 +122,7 @@ class SegmentImages:
         scores = np.zeros((n, num_classes), dtype=np.float32)
         model_ms = np.zeros(n, dtype=np.float64)
         forward_share = np.zeros(n, dtype=np.float64)
+        proposals: list[dict[str, Any] | None] = [None] * n
 
         for i in ok:
             problem = _image_problem(batch["image"][i])
@@ -124,6 +146,8 @@ class SegmentImages:
                     status[i] = "error"
                     errors[i] = f"model: {type(result).__name__}: {result}"
                     continue
+                if self.proposals_encoding is not None:
+                    result, proposals[i] = result
                 labels[i] = to_storage(result.label_map, num_classes)
                 scores[i] = result.scores
                 model_ms[i] = elapsed_ms / max(1, len(done))
@@ -134,6 +158,12 @@ class SegmentImages:
         out["scores"] = scores
         out["model_ms"] = model_ms
         out["forward_share"] = forward_share
+        if self.proposals_encoding is not None:
+            none = {"masks": empty_masks(), "embeddings": empty_masks(), "input_size": np.zeros(2, np.int32)}
+            found = [p or none for p in proposals]
+            out["proposal_masks"] = object_column([p["masks"] for p in found])
+            out["proposal_embeddings"] = object_column([p["embeddings"] for p in found])
+            out["proposal_input_size"] = np.array([p["input_size"] for p in found], np.int32).reshape(n, 2)
         if self.write_with is not None:
             return self.write_with(out)
         return out
