@@ -128,7 +128,7 @@ def run(job: RelabelJob, *, stage_cls: type[RelabelShards] = RelabelShards) -> d
     summary = summarize(
         record=record, shards=len(shards), skipped=len(shards) - len(todo), report=report, seconds=seconds
     )
-    summary["source"] = plan.source
+    summary["source"], summary["source_run_id"] = plan.source, record["source_run_id"]
     storage.write_json_atomic(fs, storage.join(root, SUMMARY_FILE), summary)
     if report.incomplete:
         raise IncompleteRunError(

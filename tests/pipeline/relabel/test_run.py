@@ -200,7 +200,7 @@ def test_a_killed_relabel_resumes_with_every_image_exactly_once(ray_local, tiny1
     write_photos(tmp_path / "in", small_photos(photos, 6))
     source = str(tmp_path / "source")
     common = {"input": str(tmp_path / "in"), "model": tiny128, "progress": False}
-    label(LabelJob(**common, output=source, vocabulary="person", proposals=True, files_per_shard=1))
+    label(LabelJob(**common, output=source, vocabulary="person,sky", proposals=True, files_per_shard=1))
     whole = str(tmp_path / "whole")
     relabel(RelabelJob(source=source, output=whole, vocabulary="person,grass,sky", progress=False))
 
