@@ -11,12 +11,17 @@ import torch
 
 from ebseg.data.shapes import generate, shapes_vocabulary
 from ebseg.predictor import Segmenter, resize_image
+from ebseg.proposals import Proposals
 from ebseg.zoo import SegmenterSettings, load_model
-from pipeline import layout
+from pipeline import layout, storage
+from pipeline.batches import object_column
 from pipeline.label import proposal_records
+from pipeline.label.commit import ShardCommitter
+from pipeline.label.parts import PartWriter
 from pipeline.label.proposal_records import ENCODINGS, ProposalsInfo, proposal_rows, read_proposals
-from pipeline.label.records import to_storage
+from pipeline.label.records import Provenance, to_storage
 from pipeline.label.segment import SegmentImages
+from tests.pipeline.label.test_run import model_rows
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +112,47 @@ def test_proposals_info_round_trips():
     info = ProposalsInfo.for_run("default", model="demo", model_id="demo:sha256-x", run_id="run-1")
     assert (info.mask_encoding, info.embedding_encoding) == ENCODINGS["default"]
     assert ProposalsInfo.from_dict(info.to_dict()) == info
+
+
+def with_proposals(rows: dict[str, np.ndarray], encoding: tuple[str, str]) -> dict[str, np.ndarray]:
+    """``model_rows`` plus random encoded proposals (Q=2, a 2x2 grid, D=3) for its ok rows."""
+    n, generator = len(rows["image_id"]), torch.Generator().manual_seed(0)
+    found = []
+    for status in rows["status"]:
+        if status != "ok":
+            found.append({"masks": proposal_records.empty_masks(), "embeddings": None, "input_size": [0, 0]})
+            continue
+        made = Proposals(
+            torch.randn(2, 2, 2, generator=generator), torch.randn(3, 2, 3, generator=generator), (7, 6)
+        )
+        found.append(proposal_records.encode_proposals(made, encoding))
+    return {
+        **rows,
+        "proposal_masks": object_column([p["masks"] for p in found]),
+        "proposal_embeddings": object_column([p["embeddings"] for p in found]),
+        "proposal_input_size": np.array([p["input_size"] for p in found], np.int32).reshape(n, 2),
+    }
+
+
+def test_proposals_parts_are_committed_and_cleaned_with_their_images_parts(tmp_path):
+    encoding = ENCODINGS["default"]
+    out = str(tmp_path / "out")
+    write = PartWriter(
+        out, names=["a", "b"], provenance=Provenance("m", "v", "r"), proposals_encoding=encoding
+    )
+    fs, root = storage.url_to_fs(out)
+    with ShardCommitter(root, fs=fs, expected_shards=["s-a"]) as committer:
+        committer.add(write(with_proposals(model_rows("s-a", [0, 1], 3), encoding)))
+        write(with_proposals(model_rows("s-a", [2], 3), encoding))  # a task that died after writing
+        committer.add(write(with_proposals(model_rows("s-a", [2], 3, status="error"), encoding)))
+        report = committer.close()
+    assert report.orphans_deleted == 2  # the dead task's images part and its proposals part
+    manifest = storage.read_json(fs, storage.join(root, "_manifest", "s-a.json"))
+    assert [f["proposals"]["rows"] for f in manifest["files"]] == [2, 0]  # error rows have no proposals
+    images = layout.committed_files(fs, root)
+    proposals = layout.committed_files(fs, root, proposals=True)
+    assert [p.replace("/proposals/", "/images/") for p in proposals] == images
+    on_disk = sorted(str(p) for p in (tmp_path / "out" / "proposals").rglob("*.parquet"))
+    assert on_disk == sorted(proposals)
+    stored = read_proposals(pq.read_table(proposals[0]))
+    assert sorted(stored) == ["s-a-0", "s-a-1"] and stored["s-a-0"][0].input_size == (7, 6)
