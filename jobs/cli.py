@@ -1,6 +1,7 @@
 """``ebseg``: label, train and evaluate on Ray; submit to a cluster; query, draw and export the results.
 
-    ebseg label INPUT OUTPUT [--vocabulary V] [--model demo] [--spec label.yaml] [--address ADDR]
+    ebseg label INPUT OUTPUT [--vocabulary V] [--model demo] [--proposals] [--spec label.yaml]
+    ebseg relabel OUTPUT NEW_OUTPUT --vocabulary V [--resolution original|grid]   (needs label --proposals)
     ebseg train SPEC.yaml        ebseg eval SPEC.yaml
     ebseg submit SPEC.yaml --address http://HOST:8265 [--wait]    ebseg status JOB_ID    ebseg logs JOB_ID
     ebseg query OUTPUT "SQL" [--format table|csv|json]
@@ -8,8 +9,9 @@
     ebseg export OUTPUT DEST --format coco|png|hf
     ebseg report OUTPUT [--out report.html]
 
-label / train / eval run on the Ray that ``--address`` or ``$RAY_ADDRESS`` names, else on an embedded local
-Ray. Their flags are the spec's fields (``ebseg label --help``); a spec file and flags combine, flags winning.
+label / relabel / train / eval run on the Ray that ``--address`` or ``$RAY_ADDRESS`` names, else on an
+embedded local Ray (all take ``--address ADDR``). Their flags are the spec's fields (``ebseg label --help``);
+a spec file and flags combine, flags winning.
 Exit status: 0 done, 1 the job failed, 2 the command or spec is invalid (nothing was started).
 """
 
@@ -50,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("input", nargs="?", help="images, .tar shards or Parquet files: path, glob or URI")
     label.add_argument("output", nargs="?", help="output directory or URI")
     _run_options(label, "label")
+    relabel = sub.add_parser(
+        "relabel",
+        help="label an output stored with --proposals again with another vocabulary, on CPU",
+        allow_abbrev=False,
+    )
+    relabel.add_argument("source", nargs="?", metavar="OUTPUT", help="a labelling output with proposals")
+    relabel.add_argument("output", nargs="?", metavar="NEW_OUTPUT", help="the new output directory or URI")
+    _run_options(relabel, "relabel")
     for kind, text in (
         ("train", "train or resume a model on Ray Train"),
         ("eval", "mIoU of a model on a dataset"),
@@ -209,6 +219,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "label": cmd_run,
+    "relabel": cmd_run,
     "train": cmd_run,
     "eval": cmd_run,
     "submit": cmd_submit,

@@ -18,7 +18,7 @@ from typing import Any
 from jobs.specs import SPEC_TYPES, SpecError, parse_spec, read_spec_data
 
 # Fields given as positional arguments (``ebseg label INPUT OUTPUT``) rather than flags.
-POSITIONAL = {"label": ("input", "output")}
+POSITIONAL = {"label": ("input", "output"), "relabel": ("source", "output")}
 # Values that set an optional field to None from a command line ("--amp-dtype none").
 NONE_WORDS = ("none", "null")
 

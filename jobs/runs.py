@@ -21,6 +21,9 @@ def _spec(args: argparse.Namespace, kind: str):
     if kind == "label":
         if (args.input is None) != (args.output is None):
             raise SpecError(["label: give both INPUT and OUTPUT (or neither, with --spec)"])
+    elif kind == "relabel":
+        if (args.source is None) != (args.output is None):
+            raise SpecError(["relabel: give both OUTPUT and NEW_OUTPUT (or neither, with --spec)"])
     else:
         if args.spec_file and args.spec:
             raise SpecError([f"{kind}: give the spec once: SPEC or --spec, not both"])
@@ -161,7 +164,31 @@ def run_eval(spec, args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-RUNNERS = {"label": run_label, "train": run_train, "eval": run_eval}
+def run_relabel(spec, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.label.plan import OutputMismatchError
+    from pipeline.label.run import IncompleteRunError
+    from pipeline.relabel.plan import ModelMismatchError, NoProposalsError
+    from pipeline.relabel.run import run
+
+    job = spec.to_job()
+    try:
+        with _ray(args):
+            summary = run(job)
+    except (IncompleteRunError, OutputMismatchError, NoProposalsError, ModelMismatchError) as e:
+        raise CommandError(str(e)) from e
+    if not args.json:
+        print(
+            f"relabelled {summary['images']} images from {summary['source']} in "
+            f"{summary['wall_s']['total']:.1f} s: {summary['ok']} ok, {summary['errors']} failed"
+        )
+        print(
+            f"output: {spec.output} ({summary['shards_written']} shards written, "
+            f"{summary['shards_skipped']} already done; summary.json)"
+        )
+    return summary
+
+
+RUNNERS = {"label": run_label, "train": run_train, "eval": run_eval, "relabel": run_relabel}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

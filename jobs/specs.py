@@ -1,8 +1,9 @@
 """Job specs: the validated, user-facing form of a labelling, training or evaluation run.
 
-A spec is a YAML or JSON mapping with a ``kind`` (``label`` / ``train`` / ``eval``) and the fields of that
-kind's job (``LabelJob``, ``TrainJob``, ``EvalJob`` in ``pipeline.label.job``, ``pipeline.train.job``,
-``pipeline.evaluate.job`` define their fields, defaults, help and checks, once); unknown keys are refused.
+A spec is a YAML or JSON mapping with a ``kind`` (``label`` / ``train`` / ``eval`` / ``relabel``) and the
+fields of that kind's job (``LabelJob``, ``TrainJob``, ``EvalJob``, ``RelabelJob`` in ``pipeline.label.job``,
+``pipeline.train.job``, ``pipeline.evaluate.job``, ``pipeline.relabel.job`` define their fields, defaults,
+help and checks, once); unknown keys are refused.
 CLI flags build the same models (``jobs.flags``), so a flag and a spec key are two spellings of one value.
 ``Spec.to_job()`` gives the pipeline's job. Every problem in a spec is reported at once, in one
 ``SpecError`` naming each field by its dotted path, before any work starts.
@@ -29,6 +30,7 @@ from pydantic_core import PydanticCustomError
 from pipeline.evaluate.job import EvalJob
 from pipeline.jobmodel import JobModel, SpecError, StorageOptions, spec_error
 from pipeline.label.job import LabelJob
+from pipeline.relabel.job import RelabelJob
 from pipeline.train.job import TrainJob
 
 # Keys that name a secret; s3fs spells its credentials key / secret / token.
@@ -110,16 +112,29 @@ class EvalSpec(_SpecRules, EvalJob):
     kind: Literal["eval"] = "eval"
 
 
-Spec = Annotated[LabelSpec | TrainSpec | EvalSpec, Discriminator("kind")]
-SPEC_TYPES: dict[str, type[JobModel]] = {"label": LabelSpec, "train": TrainSpec, "eval": EvalSpec}
+class RelabelSpec(_SpecRules, RelabelJob):
+    """``ebseg relabel``"""
+
+    JOB: ClassVar[type[JobModel]] = RelabelJob
+    kind: Literal["relabel"] = "relabel"
+
+
+AnySpec = LabelSpec | TrainSpec | EvalSpec | RelabelSpec
+Spec = Annotated[AnySpec, Discriminator("kind")]
+SPEC_TYPES: dict[str, type[JobModel]] = {
+    "label": LabelSpec,
+    "train": TrainSpec,
+    "eval": EvalSpec,
+    "relabel": RelabelSpec,
+}
 KINDS = tuple(SPEC_TYPES)
-_ADAPTER: TypeAdapter[LabelSpec | TrainSpec | EvalSpec] = TypeAdapter(Spec)
+_ADAPTER: TypeAdapter[AnySpec] = TypeAdapter(Spec)
 
 
 # ------------------------------------------------------------------------------------------ entry points
 
 
-def parse_spec(data: Mapping[str, Any], *, source: str | None = None) -> LabelSpec | TrainSpec | EvalSpec:
+def parse_spec(data: Mapping[str, Any], *, source: str | None = None) -> AnySpec:
     """A spec from a mapping with a ``kind`` key; raises ``SpecError`` listing every problem."""
     if not isinstance(data, Mapping):
         got = type(data).__name__
@@ -133,7 +148,7 @@ def parse_spec(data: Mapping[str, Any], *, source: str | None = None) -> LabelSp
         raise spec_error(e, SPEC_TYPES, source=source) from None
 
 
-def spec_from_flags(kind: str, **flags: Any) -> LabelSpec | TrainSpec | EvalSpec:
+def spec_from_flags(kind: str, **flags: Any) -> AnySpec:
     """The spec CLI flags spell: ``spec_from_flags("label", input=..., vocabulary="cat,dog", actors="1-4")``.
 
     Flags left at None (argparse's "not given") take the spec's default; values may be CLI strings ("4",
@@ -156,7 +171,7 @@ def storage_options_from_flags(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def load_spec(path_or_text: str | os.PathLike[str]) -> LabelSpec | TrainSpec | EvalSpec:
+def load_spec(path_or_text: str | os.PathLike[str]) -> AnySpec:
     """A spec from a YAML or JSON file, or from the YAML / JSON text itself."""
     data, source = read_spec_data(path_or_text)
     return parse_spec(data, source=source)
@@ -178,7 +193,7 @@ def read_spec_data(path_or_text: str | os.PathLike[str]) -> tuple[Any, str | Non
     return data, source
 
 
-def dump_spec(spec: LabelSpec | TrainSpec | EvalSpec) -> str:
+def dump_spec(spec: AnySpec) -> str:
     """The spec as YAML that ``load_spec`` reads back to an equal spec (``kind`` first)."""
     fields = spec.model_dump(mode="json")
     return yaml.safe_dump({"kind": fields.pop("kind"), **fields}, sort_keys=False)

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from jobs.specs import dump_spec, parse_spec
 
 # Fields that name local files or directories the cluster's driver must find (made absolute when local).
-PATH_FIELDS = ("input", "output", "data", "val_data", "storage", "model")
+PATH_FIELDS = ("input", "output", "source", "data", "val_data", "storage", "model")
 PACKAGES = ("ebseg", "pipeline", "jobs")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 60.0  # how long a submission waits for a new head's job agent

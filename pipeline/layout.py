@@ -1,11 +1,16 @@
 """The layout of a labelling output, shared by its writers (``pipeline.label``) and readers (query, export).
 
-Schema version 2 (written now)::
+Schema version 3 (written now)::
 
-    OUT/images/<shard_id>/<part>.parquet   part files of one input shard, written by the workers
-    OUT/_manifest/<shard_id>.json          the commit mark of the shard: lists its part files (``files``)
-    OUT/job.json  OUT/vocabulary.json  OUT/summary.json
-    OUT/_lease/<generation>.json           while a run holds the output (``pipeline.lease``; not data)
+    OUT/images/<shard_id>/<part>.parquet     part files of one input shard, written by the workers
+    OUT/proposals/<shard_id>/<part>.parquet  with ``proposals: true``: the same images' proposals
+                                             (``pipeline.label.proposal_records``), same part name
+    OUT/_manifest/<shard_id>.json            the commit mark of the shard: lists its part files (``files``,
+                                             each with its ``proposals`` part when there is one)
+    OUT/job.json  OUT/vocabulary.json  OUT/summary.json  OUT/proposals.json (with proposals)
+    OUT/_lease/<generation>.json             while a run holds the output (``pipeline.lease``; not data)
+
+Schema version 2 (still read): version 3 without proposals; the images table is the same.
 
 Schema version 1 (still read)::
 
@@ -36,12 +41,14 @@ from ebseg.data.labels import decode_label
 from pipeline import storage
 
 IMAGES_DIR = "images"
+PROPOSALS_DIR = "proposals"
+PROPOSALS_FILE = "proposals.json"
 MANIFEST_DIR = "_manifest"
 JOB_FILE = "job.json"
 VOCABULARY_FILE = "vocabulary.json"
 SUMMARY_FILE = "summary.json"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 METADATA_KEY = b"ebseg.schema_version"
 
 SEGMENT_TYPE = pa.struct(
@@ -99,23 +106,37 @@ def committed_shards(fs, root: str) -> set[str]:
     return {path.rsplit("/", 1)[-1][: -len(".json")] for path in manifest_paths(fs, root)}
 
 
-def manifest_files(manifest: Mapping[str, Any], *, where: str = "manifest") -> list[str]:
-    """The data files (relative to the output root) a manifest commits: ``files`` (v2) or ``file`` (v1)."""
+def manifest_files(
+    manifest: Mapping[str, Any], *, where: str = "manifest", proposals: bool = False
+) -> list[str]:
+    """The data files (relative to the output root) a manifest commits: ``files`` (v2, v3) or ``file`` (v1).
+
+    proposals: the proposals parts instead (v3 entries' ``proposals``; none in outputs without them).
+    """
     if isinstance(manifest, Mapping) and isinstance(manifest.get("files"), list):
-        names = [f.get("file") if isinstance(f, Mapping) else None for f in manifest["files"]]
+        entries = manifest["files"]
+        if proposals:
+            entries = [f.get("proposals") for f in entries if isinstance(f, Mapping) and f.get("proposals")]
+        names = [f.get("file") if isinstance(f, Mapping) else None for f in entries]
         if all(isinstance(n, str) for n in names):
             return names
+    elif proposals and isinstance(manifest, Mapping) and isinstance(manifest.get("file"), str):
+        return []
     elif isinstance(manifest, Mapping) and isinstance(manifest.get("file"), str):
         return [manifest["file"]]
     raise ValueError(f"{where} names no data file ('files' list of {{'file': ...}}, or 'file')")
 
 
-def committed_files(fs, root: str) -> list[str]:
-    """Paths (on ``fs``) of the Parquet files of the committed shards under ``root``, sorted by shard."""
+def committed_files(fs, root: str, *, proposals: bool = False) -> list[str]:
+    """Paths (on ``fs``) of the Parquet files of the committed shards under ``root``, sorted by shard.
+
+    proposals: the proposals parts instead of the images parts.
+    """
     files = []
     for path in manifest_paths(fs, root):
         manifest = storage.read_json(fs, path)
-        names = manifest_files(manifest, where=f"manifest {storage.full_uri(fs, path)}")
+        where = f"manifest {storage.full_uri(fs, path)}"
+        names = manifest_files(manifest, where=where, proposals=proposals)
         files.extend(storage.join(root, name) for name in names)
     return files
 

@@ -1,8 +1,9 @@
 """The commit: part-file metadata in (``pipeline.label.parts``), one manifest per complete input shard out.
 
-Layout under the output root ``OUT`` (``pipeline.layout``, schema version 2)::
+Layout under the output root ``OUT`` (``pipeline.layout``, schema version 3)::
 
     OUT/images/<shard_id>/<part>.parquet   written by the workers, any number per shard
+    OUT/proposals/<shard_id>/<part>.parquet  each images part's proposals, when the job stores them
     OUT/_manifest/<shard_id>.json          created by the driver: the commit mark, listing the shard's parts
 
 The driver receives one small row per part file (shard, file name, row ranges, counts, checksum), never a
@@ -30,7 +31,14 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.label import diehook
-from pipeline.layout import IMAGES_DIR, MANIFEST_DIR, SCHEMA_VERSION, SUMMARY_FILE, manifest_files
+from pipeline.layout import (
+    IMAGES_DIR,
+    MANIFEST_DIR,
+    PROPOSALS_DIR,
+    SCHEMA_VERSION,
+    SUMMARY_FILE,
+    manifest_files,
+)
 
 # Shard ids become file names on every store: keep them to a portable alphabet.
 _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,200}$")
@@ -206,7 +214,7 @@ class ShardCommitter:
         rows = sum(p["rows"] for p in parts)
         manifest = {
             "shard_id": shard_id,
-            "files": [{k: p[k] for k in ("file", "rows", "bytes", "sha256")} for p in parts],
+            "files": [_manifest_entry(p) for p in parts],
             "rows": rows,
             "ok": rows - sum(errors.values()),
             "errors": sum(errors.values()),
@@ -275,18 +283,31 @@ def _ours_already(fs, path: str, data: bytes) -> bool:
         return False
 
 
+def _manifest_entry(part: Mapping[str, Any]) -> dict[str, Any]:
+    """A part's entry in its shard's manifest: the images part, and its proposals part when it has one."""
+    entry = {k: part[k] for k in ("file", "rows", "bytes", "sha256")}
+    if part.get("proposals_file"):
+        entry["proposals"] = {k: part[f"proposals_{k}"] for k in ("file", "rows", "bytes", "sha256")}
+    return entry
+
+
 def delete_orphans(fs, root: str, shard_id: str, manifest: Mapping[str, Any]) -> int:
-    """Delete the part files of a committed shard that its manifest does not list; returns how many.
+    """Delete the part files (images and proposals) of a committed shard that its manifest does not list;
+    returns how many.
 
     Only ``.parquet`` names are touched (a writer's temporary file is left to finish or to fail).
     """
-    listed = {storage.join(root, name) for name in manifest_files(manifest)}
-    directory = storage.join(root, IMAGES_DIR, shard_id)
-    fs.invalidate_cache(directory)
-    try:
-        names = fs.ls(directory, detail=False)
-    except FileNotFoundError:
-        return 0
+    listed = {
+        storage.join(root, name)
+        for proposals in (False, True)
+        for name in manifest_files(manifest, proposals=proposals)
+    }
+    names = []
+    for folder in (IMAGES_DIR, PROPOSALS_DIR):
+        directory = storage.join(root, folder, shard_id)
+        fs.invalidate_cache(directory)
+        with contextlib.suppress(FileNotFoundError):
+            names.extend(fs.ls(directory, detail=False))
     orphans = [n for n in names if n.endswith(".parquet") and n not in listed]
     for path in orphans:
         diehook.reached("mid-cleanup")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ebseg.precision import AmpName
@@ -57,6 +59,16 @@ class LabelJob(JobModel):
     )
     encode_in_actor: bool = Field(
         False, description="encode records inside the model actor instead of a separate CPU stage"
+    )
+    proposals: bool = Field(
+        False,
+        description="also store each image's vocabulary-free proposals, so `ebseg relabel` can apply "
+        "another vocabulary later on CPU (about 0.1-0.7 MB per image)",
+    )
+    proposals_encoding: Literal["default", "lossless"] = Field(
+        "default",
+        description="default: float8 masks + float16 embeddings (labels agree with a fresh run on >= 99.9 "
+        "percent of each image's pixels); lossless: float32 (identical labels, ~4x the bytes)",
     )
     max_restarts: NonNegInt = Field(
         3, description="restarts of a dead model actor (and retries of its batch) before the run fails"

@@ -3,7 +3,10 @@
 ``PartWriter`` is the last stage of the labelling graph (a CPU task after the model stage, or inside the
 model actor with ``encode_in_actor``): model-stage rows -> records (``pipeline.label.records``) -> one
 Parquet file per input shard present in the block, at ``OUT/images/<shard_id>/<first>-<last>-<uuid>.parquet``
--> one metadata row per file (``PART_SCHEMA``). Record bytes never pass through the driver.
+-> one metadata row per file (``PART_SCHEMA``). Record bytes never pass through the driver. With
+proposals, each images part has a proposals part of the same name under ``OUT/proposals/<shard_id>/``
+(``pipeline.label.proposal_records``), written first and named in the same metadata row, so the manifest
+that commits the one commits the other.
 
 Every attempt of a task writes under new names (the uuid), so a retried task never overwrites a file that
 a committed manifest lists; files that no manifest lists are orphans, which readers never open and the
@@ -25,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.label import diehook
+from pipeline.label import diehook, proposal_records
 from pipeline.label.records import Provenance, encode_batch, parquet_bytes
-from pipeline.layout import IMAGES_DIR
+from pipeline.layout import IMAGES_DIR, PROPOSALS_DIR
 
 # One row per part file: all the driver learns about the records it holds.
 PART_SCHEMA = pa.schema(
@@ -46,6 +49,10 @@ PART_SCHEMA = pa.schema(
         pa.field("write_ms", pa.float64(), nullable=False),
         pa.field("model_images", pa.int64(), nullable=False),  # rows that went through a forward pass
         pa.field("forwards", pa.float64(), nullable=False),  # forward passes those rows took (shares)
+        pa.field("proposals_file", pa.string()),  # the proposals part; null without proposals
+        pa.field("proposals_rows", pa.int64()),
+        pa.field("proposals_bytes", pa.int64()),
+        pa.field("proposals_sha256", pa.string()),
     ]
 )
 
@@ -78,6 +85,8 @@ class PartWriter:
 
     The rows must carry ``row_index`` (from ``pipeline.label.reading``); ``forward_share`` (from the model
     stage) counts forward passes. Picklable: the filesystem is made again in each worker.
+    proposals_encoding: (mask, embedding) encoding of the rows' ``proposal_*`` columns, which are then
+    written as proposals parts; None: no proposals.
     """
 
     def __init__(
@@ -87,8 +96,10 @@ class PartWriter:
         names: Sequence[str],
         provenance: Provenance,
         storage_options: Mapping[str, Any] | None = None,
+        proposals_encoding: tuple[str, str] | None = None,
     ):
         self.output = output
+        self.proposals_encoding = proposals_encoding
         self.names = list(names)
         self.provenance = provenance
         self.storage_options = dict(storage_options or {})
@@ -109,26 +120,48 @@ class PartWriter:
         share = batch.get("forward_share")
         share = np.zeros(n) if share is None else np.asarray(share, np.float64)
         records = records.append_column("_forward_share", pa.array(share))
-        return self.write(records)
+        proposals = None
+        if self.proposals_encoding is not None:
+            proposals = proposal_records.proposal_rows(batch, self.proposals_encoding)
+        return self.write(records, proposals=proposals)
 
-    def write(self, records: pa.Table) -> pa.Table:
-        """Records (``IMAGES_SCHEMA`` + ``_shard_size``, ``_row_index``, timing columns) -> metadata rows."""
+    def write(self, records: pa.Table, *, proposals: pa.Table | None = None) -> pa.Table:
+        """Records (``IMAGES_SCHEMA`` + ``_shard_size``, ``_row_index``, timing columns) -> metadata rows.
+
+        proposals: the records' proposals table (``proposal_records``), written beside them.
+        """
         fs, root = self._filesystem()
         shards = records.column("shard_id").to_numpy(zero_copy_only=False)
+        by_shard = None if proposals is None else proposals.column("shard_id").to_numpy(zero_copy_only=False)
         rows = []
         for shard in sorted(set(shards.tolist())):
-            rows.append(self._write_one(fs, root, shard, records.filter(pa.array(shards == shard))))
+            props = None if proposals is None else proposals.filter(pa.array(by_shard == shard))
+            rows.append(self._write_one(fs, root, shard, records.filter(pa.array(shards == shard)), props))
         return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
 
-    def _write_one(self, fs, root: str, shard: str, table: pa.Table) -> dict[str, Any]:
+    def _write_one(
+        self, fs, root: str, shard: str, table: pa.Table, proposals: pa.Table | None
+    ) -> dict[str, Any]:
         start = time.perf_counter()
         table = table.sort_by("_row_index")
         indices = table.column("_row_index").to_numpy()
         if len(np.unique(indices)) != len(indices):
             raise ValueError(f"shard {shard}: a block holds one row index twice")
-        data = parquet_bytes(table)
         name = part_name(shard, indices)
         diehook.reached("before-part-write")
+        extra: dict[str, Any] = {}
+        if proposals is not None:
+            # Written before the images part: a metadata row never names a part that is not there yet.
+            props = proposal_records.parquet_bytes(proposals)
+            props_name = PROPOSALS_DIR + name[len(IMAGES_DIR) :]
+            storage.write_bytes_atomic(fs, storage.join(root, props_name), props)
+            extra = {
+                "proposals_file": props_name,
+                "proposals_rows": proposals.num_rows,
+                "proposals_bytes": len(props),
+                "proposals_sha256": hashlib.sha256(props).hexdigest(),
+            }
+        data = parquet_bytes(table)
         storage.write_bytes_atomic(fs, storage.join(root, name), data)
         diehook.reached("after-part-write")
         statuses, messages = table["status"].to_pylist(), table["error"].to_pylist()
@@ -149,4 +182,5 @@ class PartWriter:
             "write_ms": (time.perf_counter() - start) * 1000,
             "model_images": int(pc.sum(pc.greater(share, 0)).as_py() or 0),
             "forwards": pc.sum(share).as_py() or 0.0,
+            **extra,
         }

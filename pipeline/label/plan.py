@@ -24,10 +24,19 @@ from ebseg.vocab import Vocabulary
 from ebseg.zoo import ModelInfo, SegmenterSettings, describe_model
 from pipeline import storage
 from pipeline.label.job import LabelJob
-from pipeline.layout import JOB_FILE, SCHEMA_VERSION, VOCABULARY_FILE
+from pipeline.label.proposal_records import ENCODINGS, ProposalsInfo
+from pipeline.layout import JOB_FILE, PROPOSALS_FILE, SCHEMA_VERSION, VOCABULARY_FILE
 
 # Job fields that decide which shards exist and what a record holds: a rerun must agree on all of them.
-IDENTITY_FIELDS = ("input", "model_id", "vocabulary_id", "files_per_shard", "image_column", "max_pixels")
+IDENTITY_FIELDS = (
+    "input",
+    "model_id",
+    "vocabulary_id",
+    "files_per_shard",
+    "image_column",
+    "max_pixels",
+    "proposals",
+)
 
 
 class OutputMismatchError(ValueError):
@@ -55,6 +64,10 @@ class LabelPlan:
             compile=job.compile,
         )
 
+    def proposals_encoding(self, job: LabelJob) -> tuple[str, str] | None:
+        """(mask, embedding) encoding of the proposals the job stores; None when it stores none."""
+        return ENCODINGS[job.proposals_encoding] if job.proposals else None
+
 
 def canonical_uri(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """``uri`` spelled one way: absolute local paths, ``s3://bucket/key`` without a trailing slash."""
@@ -70,6 +83,8 @@ def _identity(job: LabelJob, model: ModelInfo, vocabulary: Vocabulary) -> dict[s
         "files_per_shard": job.files_per_shard,
         "image_column": job.image_column,
         "max_pixels": job.max_pixels,
+        # None without proposals: a run with and one without differ in what a committed shard holds.
+        "proposals": job.proposals_encoding if job.proposals else None,
     }
 
 
@@ -114,19 +129,40 @@ def job_record(job: LabelJob, plan: LabelPlan) -> dict[str, Any]:
     }
 
 
-def claim_output(fs, root: str, record: Mapping[str, Any], plan: LabelPlan, *, explicit_run_id: bool) -> bool:
-    """Write ``job.json`` and ``vocabulary.json``, or check an existing ``job.json`` agrees with this job.
+def proposals_info(job: LabelJob, plan: LabelPlan) -> ProposalsInfo | None:
+    """``OUT/proposals.json`` of a job that stores proposals (None for one that does not)."""
+    if not job.proposals:
+        return None
+    return ProposalsInfo.for_run(
+        job.proposals_encoding, model=job.model, model_id=plan.model.model_id, run_id=plan.run_id
+    )
+
+
+def claim_output(
+    fs,
+    root: str,
+    record: Mapping[str, Any],
+    vocabulary: Vocabulary,
+    *,
+    explicit_run_id: bool,
+    proposals: ProposalsInfo | None = None,
+    identity: tuple[str, ...] = IDENTITY_FIELDS,
+) -> bool:
+    """Write ``job.json`` and ``vocabulary.json`` (and ``proposals.json``), or check an existing
+    ``job.json`` agrees with this job.
 
     Returns True when the output already held this job (a resume). Raises OutputMismatchError naming every
-    field that differs.
+    field of ``identity`` that differs (a relabelling passes its own).
     """
     path = storage.join(root, JOB_FILE)
     if not fs.exists(path):
-        storage.write_json_atomic(fs, storage.join(root, VOCABULARY_FILE), plan.vocabulary.to_dict())
-        storage.write_json_atomic(fs, path, dict(record))
+        storage.write_json_atomic(fs, storage.join(root, VOCABULARY_FILE), vocabulary.to_dict())
+        if proposals is not None:
+            storage.write_json_atomic(fs, storage.join(root, PROPOSALS_FILE), proposals.to_dict())
+        storage.write_json_atomic(fs, path, dict(record))  # last: its presence says the others are there
         return False
     previous = storage.read_json(fs, path)
-    fields = [*IDENTITY_FIELDS, "schema_version"] + (["run_id"] if explicit_run_id else [])
+    fields = [*identity, "schema_version"] + (["run_id"] if explicit_run_id else [])
     differences = [
         f"{name}: output has {previous.get(name)!r}, this job {record[name]!r}"
         for name in fields

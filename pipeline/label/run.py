@@ -16,9 +16,10 @@ repartition step; the model stage cuts a block into its own batches.
 ``run(job)`` checks the job first (``pipeline.label.preflight``), takes the output's lease
 (``pipeline.lease``: one run at a time per output), then starts Ray. It writes under ``job.output``:
 ``images/<shard_id>/<part>.parquet``, ``_manifest/<shard_id>.json``, ``job.json``, ``vocabulary.json`` and
-``summary.json`` (see ``docs/schema.md``). Committed shards (those with a manifest) are skipped by a rerun;
-a rerun with another model, vocabulary or input into the same output is refused (``OutputMismatchError``,
-see ``pipeline.label.plan``).
+``summary.json`` (see ``docs/schema.md``); with ``job.proposals`` also ``proposals/<shard_id>/<part>.parquet``
+and ``proposals.json``. Committed shards (those with a manifest) are skipped by a rerun; a rerun with another
+model, vocabulary or input into the same output is refused (``OutputMismatchError``, see
+``pipeline.label.plan``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pipeline.label.decode import DecodeImages
 from pipeline.label.job import LabelJob
 from pipeline.label.listing import Shard, list_shards
 from pipeline.label.parts import PartWriter
-from pipeline.label.plan import LabelPlan, claim_output, job_record, make_plan
+from pipeline.label.plan import LabelPlan, claim_output, job_record, make_plan, proposals_info
 from pipeline.label.preflight import preflight
 from pipeline.label.progress import Progress
 from pipeline.label.reading import ReadShards
@@ -78,8 +79,13 @@ def build_label_dataset(
     per part file the workers wrote under ``job.output``. Nothing runs until consumed."""
     plan = plan or make_plan(job)
     provenance = Provenance(plan.model.model_id, plan.vocabulary.id, plan.run_id)
+    encoding = plan.proposals_encoding(job)
     writer = PartWriter(
-        job.output, names=plan.vocabulary.names, provenance=provenance, storage_options=job.storage_options
+        job.output,
+        names=plan.vocabulary.names,
+        provenance=provenance,
+        storage_options=job.storage_options,
+        proposals_encoding=encoding,
     )
     rows = block_rows(job, shards)
     # The test hook's variables reach the workers (see pipeline.label.diehook); nothing when unset.
@@ -105,7 +111,11 @@ def build_label_dataset(
             batch_size=rows,
             batch_format="numpy",
             fn_constructor_args=(plan.segmenter_settings(job),),
-            fn_constructor_kwargs={"write_with": writer if job.encode_in_actor else None, "decode": decode},
+            fn_constructor_kwargs={
+                "write_with": writer if job.encode_in_actor else None,
+                "decode": decode,
+                "proposals_encoding": encoding,
+            },
             compute=pool,
             num_cpus=job.cpus_per_actor,
             num_gpus=job.gpus_per_actor or None,
@@ -136,7 +146,7 @@ def _quiet_ray_data(enabled: bool):
         context.enable_progress_bars = before
 
 
-def _summarize(
+def summarize(
     *,
     record: Mapping[str, Any],
     shards: int,
@@ -232,7 +242,14 @@ def _label(
 ) -> dict[str, Any]:
     """The run once the output is ours: claim it, skip committed shards, label the rest in waves."""
     record = job_record(job, plan)
-    claim_output(fs, root, record, plan, explicit_run_id=job.run_id is not None)
+    claim_output(
+        fs,
+        root,
+        record,
+        plan.vocabulary,
+        explicit_run_id=job.run_id is not None,
+        proposals=proposals_info(job, plan),
+    )
     done = committed_shards(fs, root)
     orphans = clean_after_interruption(fs, root) if done else 0
     ready = time.monotonic()
@@ -280,7 +297,7 @@ def _label(
     # The listing streams alongside the labelling, so "label" covers both; "setup" is the preflight, the
     # lease, the output checks and the manifest listing.
     seconds = {"total": end - start, "setup": ready - start, "label": end - ready}
-    summary = _summarize(record=record, shards=shards, skipped=skipped, report=report, seconds=seconds)
+    summary = summarize(record=record, shards=shards, skipped=skipped, report=report, seconds=seconds)
     held.check()  # a summary marks the output clean (see clean_after_interruption): only its holder writes it
     storage.write_json_atomic(fs, storage.join(root, SUMMARY_FILE), summary)
     if report.incomplete:

@@ -25,6 +25,7 @@ from ebseg.zoo import SegmenterSettings
 from pipeline.batches import object_column
 from pipeline.label.decode import DecodeImages
 from pipeline.label.parts import PartWriter
+from pipeline.label.proposal_records import empty_masks, encode_proposals
 from pipeline.label.records import to_storage
 
 # Rows decoded at a time inside the model actor: a few model batches, a bounded amount of pixels.
@@ -60,6 +61,9 @@ class SegmentImages:
     thread that runs one chunk ahead of the model (PIL and torch release the GIL): Ray Data's blocks then
     carry encoded bytes, ~10x smaller than decoded pixels, so they can be large enough to spread the
     driver's per-block cost over a thousand images.
+    proposals_encoding: (mask, embedding) encoding: each row also carries its image's encoded proposals
+    (``proposal_masks``, ``proposal_embeddings``, ``proposal_input_size``, see
+    ``pipeline.label.proposal_records``), from the same forward pass as its labels.
     """
 
     def __init__(
@@ -68,8 +72,10 @@ class SegmentImages:
         *,
         write_with: PartWriter | None = None,
         decode: DecodeImages | None = None,
+        proposals_encoding: tuple[str, str] | None = None,
     ):
         self.segmenter = settings.load()
+        self.proposals_encoding = proposals_encoding
         self.vocabulary = settings.vocabulary
         self.batch_size = settings.batch_size
         self.dtype = np.uint8 if label_bits(len(self.vocabulary)) == 8 else np.uint16
@@ -88,19 +94,29 @@ class SegmentImages:
             out.extend(indices[s : s + self.batch_size] for s in range(0, len(indices), self.batch_size))
         return sorted(out, key=len, reverse=True)
 
-    def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
-        """Predictions, or an exception per image that failed on its own."""
-        try:
-            self.forwards += 1
+    def _run(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
+        """One forward pass: Predictions, or (Prediction, encoded proposals) pairs when storing proposals."""
+        self.forwards += 1
+        if self.proposals_encoding is None:
             return self.segmenter.predict(images, output_sizes=sizes)
+        proposals = self.segmenter.propose(images, output_sizes=sizes)
+        predictions = self.segmenter.label(proposals, sizes)
+        return [
+            (prediction, encode_proposals(p, self.proposals_encoding))
+            for prediction, p in zip(predictions, proposals)
+        ]
+
+    def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[Any]:
+        """Results of ``_run``, or an exception per image that failed on its own."""
+        try:
+            return self._run(images, sizes)
         except Exception:
             if len(images) == 1:
                 raise
         results: list[Any] = []
         for image, size in zip(images, sizes):
             try:
-                self.forwards += 1
-                [prediction] = self.segmenter.predict([image], output_sizes=[size])
+                [prediction] = self._run([image], [size])
                 results.append(prediction)
             except Exception as e:
                 if torch.cuda.is_available():
@@ -126,6 +142,7 @@ class SegmentImages:
         scores = np.zeros((n, num_classes), dtype=np.float32)
         model_ms = np.zeros(n, dtype=np.float64)
         forward_share = np.zeros(n, dtype=np.float64)
+        proposals: list[dict[str, Any] | None] = [None] * n
 
         for i in ok:
             problem = _image_problem(batch["image"][i])
@@ -149,6 +166,8 @@ class SegmentImages:
                     status[i] = "error"
                     errors[i] = f"model: {type(result).__name__}: {result}"
                     continue
+                if self.proposals_encoding is not None:
+                    result, proposals[i] = result
                 labels[i] = to_storage(result.label_map, num_classes)
                 scores[i] = result.scores
                 model_ms[i] = elapsed_ms / max(1, len(done))
@@ -159,6 +178,12 @@ class SegmentImages:
         out["scores"] = scores
         out["model_ms"] = model_ms
         out["forward_share"] = forward_share
+        if self.proposals_encoding is not None:
+            none = {"masks": empty_masks(), "embeddings": empty_masks(), "input_size": np.zeros(2, np.int32)}
+            found = [p or none for p in proposals]
+            out["proposal_masks"] = object_column([p["masks"] for p in found])
+            out["proposal_embeddings"] = object_column([p["embeddings"] for p in found])
+            out["proposal_input_size"] = np.array([p["input_size"] for p in found], np.int32).reshape(n, 2)
         return out
 
 

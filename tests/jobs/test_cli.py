@@ -233,6 +233,32 @@ def test_label_from_s3_with_a_spec_file_and_flag_overrides(shapes, s3_server, ra
     assert json.loads(capsys.readouterr().out) == [{"n": COUNT}]
 
 
+def test_label_with_proposals_then_relabel_through_the_cli(shapes, ray_local, tmp_path, capsys):
+    names = [c["name"] for c in json.loads((shapes / "vocabulary.json").read_text())["classes"]]
+    source, new = str(tmp_path / "source"), str(tmp_path / "new")
+    args = ["label", str(shapes / "images"), source, "--vocabulary", ",".join(names[:3]), "--proposals"]
+    assert main([*args, "--proposals-encoding", "lossless", "--json", "--no-progress"]) == 0
+    capsys.readouterr()
+    vocabulary = str(shapes / "vocabulary.json")
+    args = ["relabel", source, new, "--vocabulary", vocabulary, "--resolution", "grid", "--json"]
+    assert main([*args, "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["images"], summary["ok"]) == (COUNT, COUNT)
+    job = json.loads((tmp_path / "new" / "job.json").read_text())
+    assert (job["kind"], job["resolution"], job["source_run_id"]) == (
+        "relabel",
+        "grid",
+        summary["source_run_id"],
+    )
+    with open_output(new) as output:
+        found = set(output.sql("SELECT DISTINCT label FROM segments").column(0).to_pylist())
+    assert found & set(names[3:])  # the classes the labelling left out
+    # A relabelled output stores no proposals: relabelling it again is refused, with the reason.
+    assert main(["relabel", new, str(tmp_path / "again"), "--vocabulary", vocabulary]) == 1
+    assert "labelled without --proposals" in capsys.readouterr().err
+    assert main(["relabel", source, "--vocabulary", vocabulary]) == 2  # NEW_OUTPUT missing
+
+
 def test_flags_and_spec_file_spell_the_same_spec(tmp_path):
     flags = ["label", "in/", "s3://b/out", "--vocabulary", "cat,dog", "--actors", "1-4",
              "--amp-dtype", "none", "--storage-option", "anon=false", "--no-progress"]  # fmt: skip

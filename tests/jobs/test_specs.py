@@ -140,6 +140,7 @@ BASE = {
     "label": {"kind": "label", "input": "in", "output": "out", "vocabulary": "coco171"},
     "train": {"kind": "train", "name": "run", "storage": "runs", "data": "data"},
     "eval": {"kind": "eval", "data": "data", "output": "out"},
+    "relabel": {"kind": "relabel", "source": "out", "output": "new", "vocabulary": "cat,dog"},
 }
 
 
@@ -174,7 +175,7 @@ BASE = {
         ("eval", {"data": None}, "eval.data: must be a string (got None)"),
         ("eval", {"limit": 0}, "eval.limit: must be >= 1 (got 0)"),
         ("eval", {"model": ""}, "eval.model: must not be empty"),
-        ("eval", {"kind": "fit"}, "kind: must be one of label, train, eval (got 'fit')"),
+        ("eval", {"kind": "fit"}, "kind: must be one of label, train, eval, relabel (got 'fit')"),
     ],
 )
 def test_bad_field_names_the_field_and_what_is_allowed(kind, change, expected):
@@ -225,11 +226,14 @@ def test_credentials_from_flags_are_refused():
         spec_from_flags("eval", data="d", output="o", storage_options=["secret=abc"])
 
 
-@pytest.mark.parametrize("kind", ["label", "train", "eval"])
+@pytest.mark.parametrize("kind", ["label", "train", "eval", "relabel"])
 def test_round_trip(kind, tmp_path):
     extra = {"storage_options": {"endpoint_url": "http://h:9000"}, "batch_size": 2}
     if kind == "label":
         extra["actors"] = [2, 5]
+    if kind == "relabel":
+        extra = {**extra, "resolution": "grid", "actors": 2}
+        del extra["batch_size"]
     spec = parse_spec({**BASE[kind], **extra})
     assert parse_spec(spec.model_dump()) == spec
     assert load_spec(json.dumps(spec.model_dump(mode="json"))) == spec

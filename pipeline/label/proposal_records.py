@@ -1,0 +1,179 @@
+"""Records of the ``proposals`` table: an image's vocabulary-free model outputs (``ebseg.proposals``) per row.
+
+A labelling run with ``proposals: true`` writes, beside each ``images`` part, a part of this table under
+``OUT/proposals/<shard_id>/`` with the same file name, committed by the same manifest
+(``pipeline.layout``). Only images labelled without error have a row. ``OUT/proposals.json``
+(``ProposalsInfo``) says once per output how the rows are encoded and which model made them: with that
+model's text tower, ``Segmenter.label(read_proposals(...))`` labels the images with any vocabulary.
+
+Columns (``docs/schema.md``): ``masks`` holds the [Q, grid_height, grid_width] mask logits on the model's
+stride-4 grid as the raw bytes (C order) of ``mask_encoding``; ``emb_a`` / ``emb_b`` / ``emb_d`` hold the
+three [Q, D] embeddings as lists of D-lists of ``embedding_encoding`` floats; ``input_height`` /
+``input_width`` are the model input size before padding (the grid covers the padded input, 4x its size):
+crop the upsampled masks to it, then resize to ``height`` x ``width``, the original size.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ebseg.proposals import (
+    DEFAULT_ENCODING,
+    LOSSLESS_ENCODING,
+    Proposals,
+    decode_embeddings,
+    decode_masks,
+    encode_embeddings,
+    encode_masks,
+)
+from pipeline.layout import METADATA_KEY, SCHEMA_VERSION
+
+EncodingName = Literal["default", "lossless"]
+# ``proposals_encoding`` of a job -> (mask encoding, embedding encoding) of ``ebseg.proposals``.
+ENCODINGS: dict[str, tuple[str, str]] = {"default": DEFAULT_ENCODING, "lossless": LOSSLESS_ENCODING}
+BRANCHES = ("emb_a", "emb_b", "emb_d")  # the order of ``Proposals.embeddings``
+_FLOAT_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def proposals_schema(embedding_encoding: str) -> pa.Schema:
+    """The table's schema; the embedding columns' float type is the embedding encoding's."""
+    vectors = pa.list_(pa.list_(_FLOAT_TYPES[embedding_encoding]))  # [Q][D]
+    return pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("shard_id", pa.string(), nullable=False),
+            pa.field("mask_encoding", pa.string(), nullable=False),  # float32 | float16 | float8 | uint8
+            pa.field("embedding_encoding", pa.string(), nullable=False),  # float32 | float16
+            pa.field("queries", pa.int32(), nullable=False),  # Q
+            pa.field("dim", pa.int32(), nullable=False),  # D
+            pa.field("grid_height", pa.int32(), nullable=False),  # mask grid: padded input / 4
+            pa.field("grid_width", pa.int32(), nullable=False),
+            pa.field("input_height", pa.int32(), nullable=False),  # model input before padding
+            pa.field("input_width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),  # original size (the label maps' size)
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("masks", pa.binary(), nullable=False),
+            *(pa.field(name, vectors, nullable=False) for name in BRANCHES),
+        ],
+        metadata={METADATA_KEY: str(SCHEMA_VERSION).encode()},
+    )
+
+
+PROPOSALS_SCHEMA = proposals_schema(DEFAULT_ENCODING[1])
+
+
+@dataclass(frozen=True)
+class ProposalsInfo:
+    """``OUT/proposals.json``: what every proposals row of an output shares.
+
+    The text tower, background embedding, logit scale and balancing exponents that ``Segmenter.label``
+    applies are those of the model ``model_id`` names (its weights fix them): a relabelling loads ``model``
+    and refuses it when its id differs.
+    """
+
+    encoding: str  # the job's name for it: default | lossless
+    mask_encoding: str
+    embedding_encoding: str
+    model: str  # the ``--model`` value the run loaded
+    model_id: str
+    run_id: str
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def for_run(cls, encoding: str, *, model: str, model_id: str, run_id: str) -> ProposalsInfo:
+        masks, embeddings = ENCODINGS[encoding]
+        return cls(encoding, masks, embeddings, model=model, model_id=model_id, run_id=run_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProposalsInfo:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def encode_proposals(proposals: Proposals, encoding: tuple[str, str]) -> dict[str, Any]:
+    """One image's proposals -> the encoded values a model stage hands to the writer (numpy, picklable)."""
+    mask_encoding, embedding_encoding = encoding
+    return {
+        "masks": encode_masks(proposals.masks, mask_encoding),
+        "embeddings": encode_embeddings(proposals.embeddings, embedding_encoding),
+        "input_size": np.asarray(proposals.input_size, dtype=np.int32),
+    }
+
+
+def proposal_rows(batch: Mapping[str, Sequence[Any]], encoding: tuple[str, str]) -> pa.Table:
+    """Model-stage rows -> a ``proposals_schema`` table of the ``ok`` rows that carry proposals.
+
+    batch: columns image_id, shard_id, height, width, status, and ``proposal_masks`` /
+    ``proposal_embeddings`` / ``proposal_input_size`` (``encode_proposals``'s values; empty for error rows).
+    """
+    mask_encoding, embedding_encoding = encoding
+    schema = proposals_schema(embedding_encoding)
+    rows = []
+    for i in range(len(batch["image_id"])):
+        masks = batch["proposal_masks"][i]
+        if str(batch["status"][i]) != "ok" or masks is None or np.size(masks) == 0:
+            continue
+        embeddings = np.asarray(batch["proposal_embeddings"][i])
+        q, gh, gw = masks.shape
+        input_h, input_w = (int(v) for v in batch["proposal_input_size"][i])
+        rows.append(
+            {
+                "image_id": str(batch["image_id"][i]),
+                "shard_id": str(batch["shard_id"][i]),
+                "mask_encoding": mask_encoding,
+                "embedding_encoding": embedding_encoding,
+                "queries": q,
+                "dim": embeddings.shape[-1],
+                "grid_height": gh,
+                "grid_width": gw,
+                "input_height": input_h,
+                "input_width": input_w,
+                "height": int(batch["height"][i]),
+                "width": int(batch["width"][i]),
+                "masks": np.ascontiguousarray(masks).tobytes(),
+                **{name: list(embeddings[b]) for b, name in enumerate(BRANCHES)},
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A proposals table as one Parquet file (zstd: saturated uint8 / float8 masks shrink several-fold)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+_MASK_DTYPES = {"float32": np.float32, "float16": np.float16, "float8": np.uint8, "uint8": np.uint8}
+
+
+def read_proposals(table: pa.Table) -> dict[str, tuple[Proposals, tuple[int, int]]]:
+    """A proposals table (any part of one) -> image_id -> (Proposals, original (height, width))."""
+    out = {}
+    for row in table.to_pylist():
+        shape = (row["queries"], row["grid_height"], row["grid_width"])
+        raw = np.frombuffer(bytearray(row["masks"]), dtype=_MASK_DTYPES[row["mask_encoding"]]).reshape(shape)
+        embeddings = np.stack([np.asarray(row[name], dtype=np.float32) for name in BRANCHES])
+        proposals = Proposals(
+            masks=decode_masks(raw, row["mask_encoding"]),
+            embeddings=decode_embeddings(embeddings, row["embedding_encoding"]).reshape(
+                len(BRANCHES), row["queries"], row["dim"]
+            ),
+            input_size=(row["input_height"], row["input_width"]),
+        )
+        out[row["image_id"]] = (proposals, (row["height"], row["width"]))
+    return out
+
+
+def empty_masks() -> np.ndarray:
+    """The ``proposal_masks`` value of a row without proposals."""
+    return np.zeros((0, 0, 0), dtype=np.uint8)

@@ -1,0 +1,1 @@
+"""Relabelling: a labelling output's stored proposals + another vocabulary -> a new labelling output."""

@@ -1,0 +1,239 @@
+"""Relabelling stored proposals against fresh labelling runs: same labels, left-out classes found, refusals,
+exactly-once under a killed driver, and the outputs readable by query / show / export unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ebseg.data.shapes import write_shapes
+from ebseg.vocab import Vocabulary
+from pipeline import layout, storage
+from pipeline.label.job import LabelJob
+from pipeline.label.plan import OutputMismatchError
+from pipeline.label.run import run as label
+from pipeline.relabel.job import RelabelJob
+from pipeline.relabel.plan import ModelMismatchError, NoProposalsError
+from pipeline.relabel.run import run as relabel
+from pipeline.relabel.stage import RelabelShards, enlarge
+from pipeline.results.export import export_coco
+from pipeline.results.query import open_output
+from pipeline.results.show import render_overlay
+from tests.conftest import REPO
+from tests.pipeline.label.test_faults import write_photos
+from tests.pipeline.label.test_run import read_images, small_photos
+from tests.pipeline.label.test_segment import save_tiny
+
+PHOTO_NAMES = ["person", "coffee cup", "grass", "sky", "tree", "road"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Six shapes images and their vocabulary (the demo model's classes)."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(str(root), count=6, seed=11, size=128)
+    names = Vocabulary.from_dict(json.loads((root / "vocabulary.json").read_text())).names
+    return root / "images", list(names)
+
+
+@pytest.fixture(scope="module")
+def tiny128(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("relabel") / "tiny128.pt", short_side=128)
+
+
+def label_maps(uri: str) -> dict[str, np.ndarray]:
+    return {r["image_id"]: layout.decode_label_map(r["label_map"]) for r in read_images(uri).to_pylist()}
+
+
+def compare(relabelled: str, fresh: str, *, lossless: bool) -> list[float]:
+    """Per image agreement of two outputs' label maps; identical rows (ids, sizes, class names) asserted."""
+    a, b = label_maps(relabelled), label_maps(fresh)
+    assert sorted(a) == sorted(b) and a
+    agreement = [float((a[k] == b[k]).mean()) for k in sorted(a)]
+    if lossless:
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    else:
+        assert min(agreement) >= 0.999, agreement
+    return agreement
+
+
+def labelled_classes(uri: str) -> set[str]:
+    return {s["label"] for r in read_images(uri).to_pylist() for s in r["segments"] or []}
+
+
+def test_demo_on_shapes_relabel_equals_a_fresh_run_and_finds_left_out_classes(ray_local, shapes, tmp_path):
+    images, names = shapes
+    kept, left_out = names[:3], names[3:]
+    fresh = str(tmp_path / "fresh")
+    label(LabelJob(input=str(images), output=fresh, vocabulary=",".join(names), progress=False))
+    assert labelled_classes(fresh) & set(left_out), "the shapes set must hold some left-out classes"
+    for encoding in ("lossless", "default"):
+        source = str(tmp_path / f"source-{encoding}")
+        job = LabelJob(
+            input=str(images),
+            output=source,
+            vocabulary=",".join(kept),
+            proposals=True,
+            proposals_encoding=encoding,
+            files_per_shard=4,
+            progress=False,
+        )
+        label(job)
+        assert not labelled_classes(source) & set(left_out)
+        fs, root = storage.url_to_fs(source)
+        assert len(layout.committed_files(fs, root, proposals=True)) == 2  # one proposals part per shard
+        new = str(tmp_path / f"relabelled-{encoding}")
+        summary = relabel(RelabelJob(source=source, output=new, vocabulary=",".join(names), progress=False))
+        assert (summary["images"], summary["ok"], summary["shards_written"]) == (6, 6, 2)
+        compare(new, fresh, lossless=encoding == "lossless")
+        assert labelled_classes(new) & set(left_out) == labelled_classes(fresh) & set(left_out)
+        record = json.loads((tmp_path / f"relabelled-{encoding}" / "job.json").read_text())
+        source_record = json.loads((tmp_path / f"source-{encoding}" / "job.json").read_text())
+        assert record["kind"] == "relabel" and record["source_run_id"] == source_record["run_id"]
+        assert record["model_id"] == source_record["model_id"]
+
+    # The relabelled output is an ordinary labelling output for the readers.
+    with open_output(new) as output:
+        counts = output.sql("SELECT count(*) FROM images WHERE status = 'ok'").column(0).to_pylist()
+        assert counts == [6]
+        some = output.sql("SELECT image_id FROM images ORDER BY image_id LIMIT 1").column(0).to_pylist()[0]
+    shown = render_overlay(new, some, str(tmp_path / "shown.png"))
+    assert shown["height"] == 128
+    export_coco(new, str(tmp_path / "coco"))
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    assert len(coco["images"]) == 6 and {c["name"] for c in coco["categories"]} == set(names)
+
+    # On the stride-4 grid: maps at the original size, close to the original-size ones.
+    grid = str(tmp_path / "grid")
+    relabel(RelabelJob(source=source, output=grid, vocabulary=",".join(names), resolution="grid"))
+    full, coarse = label_maps(new), label_maps(grid)
+    for key in full:
+        assert coarse[key].shape == full[key].shape
+        assert (coarse[key] == full[key]).mean() > 0.9
+
+
+def test_tiny_on_photos_relabel_equals_a_fresh_run(ray_local, tiny128, photos, tmp_path):
+    write_photos(tmp_path / "in", small_photos(photos, 3))
+    fresh = str(tmp_path / "fresh")
+    common = {"input": str(tmp_path / "in"), "model": tiny128, "progress": False}
+    label(LabelJob(**common, output=fresh, vocabulary=",".join(PHOTO_NAMES)))
+    for encoding in ("lossless", "default"):
+        source = str(tmp_path / f"source-{encoding}")
+        label(
+            LabelJob(
+                **common,
+                output=source,
+                vocabulary="person,grass",
+                proposals=True,
+                proposals_encoding=encoding,
+            )
+        )
+        new = str(tmp_path / f"new-{encoding}")
+        relabel(RelabelJob(source=source, output=new, vocabulary=",".join(PHOTO_NAMES), progress=False))
+        agreement = compare(new, fresh, lossless=encoding == "lossless")
+        print(f"tiny photos {encoding}: agreement {agreement}")
+
+
+def test_relabel_is_refused_without_proposals_or_with_another_model(ray_local, tiny128, photos, tmp_path):
+    write_photos(tmp_path / "in", small_photos(photos, 1))
+    common = {
+        "input": str(tmp_path / "in"),
+        "model": tiny128,
+        "vocabulary": "person,grass",
+        "progress": False,
+    }
+    plain, stored = str(tmp_path / "plain"), str(tmp_path / "stored")
+    label(LabelJob(**common, output=plain))
+    with pytest.raises(NoProposalsError, match="--proposals"):
+        relabel(RelabelJob(source=plain, output=str(tmp_path / "a"), vocabulary="sky"))
+    with pytest.raises(NoProposalsError, match="not a labelling output"):
+        relabel(RelabelJob(source=str(tmp_path / "in"), output=str(tmp_path / "a"), vocabulary="sky"))
+    # Proposals are part of a labelling job's identity: the same output cannot gain them on a rerun.
+    with pytest.raises(OutputMismatchError, match="proposals"):
+        label(LabelJob(**common, output=plain, proposals=True))
+    label(LabelJob(**common, output=stored, proposals=True))
+    other = save_tiny(tmp_path / "other.pt", seed=5, short_side=128)
+    with pytest.raises(ModelMismatchError, match="Relabel with the model that labelled it"):
+        relabel(RelabelJob(source=stored, output=str(tmp_path / "b"), vocabulary="sky", model=other))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    new = str(tmp_path / "new")
+    relabel(RelabelJob(source=stored, output=new, vocabulary="sky,grass", progress=False))
+    with pytest.raises(OutputMismatchError, match="vocabulary_id"):
+        relabel(RelabelJob(source=stored, output=new, vocabulary="sky,tree"))
+    with pytest.raises(OutputMismatchError, match="is the source"):
+        relabel(RelabelJob(source=stored, output=stored, vocabulary="sky,tree"))
+
+
+def test_grid_labels_are_enlarged_by_nearest_neighbour():
+    grid = np.array([[0, 1], [2, 3]])
+    np.testing.assert_array_equal(enlarge(grid, (4, 3)), [[0, 0, 1], [0, 0, 1], [2, 2, 3], [2, 2, 3]])
+
+
+class SlowRelabelShards(RelabelShards):
+    """Takes a second per shard, so a test can kill the run between two shard commits."""
+
+    def __call__(self, batch):
+        time.sleep(1.0)
+        return super().__call__(batch)
+
+
+DRIVER = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1])
+from pipeline.relabel.job import RelabelJob
+from pipeline.relabel.run import run
+from tests.pipeline.relabel.test_run import SlowRelabelShards
+run(RelabelJob(**json.loads(sys.argv[2])), stage_cls=SlowRelabelShards)
+"""
+
+
+def test_a_killed_relabel_resumes_with_every_image_exactly_once(ray_local, tiny128, photos, tmp_path):
+    write_photos(tmp_path / "in", small_photos(photos, 6))
+    source = str(tmp_path / "source")
+    common = {"input": str(tmp_path / "in"), "model": tiny128, "progress": False}
+    label(LabelJob(**common, output=source, vocabulary="person,sky", proposals=True, files_per_shard=1))
+    whole = str(tmp_path / "whole")
+    relabel(RelabelJob(source=source, output=whole, vocabulary="person,grass,sky", progress=False))
+
+    out = tmp_path / "out"
+    spec = {"source": source, "output": str(out), "vocabulary": "person,grass,sky", "progress": False}
+    address = ray_local.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, address, json.dumps(spec)],
+        cwd=REPO,
+        start_new_session=True,  # its own process group, killed whole below
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "_manifest").glob("*.json")) if (out / "_manifest").exists() else []) < 2:
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        driver.stderr.close()
+    committed = {p.stem for p in (out / "_manifest").glob("*.json")}
+    assert 2 <= len(committed) < 6, "the run must be cut off part-way"
+    parts = {
+        p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.parquet") if p.parent.name in committed
+    }
+
+    summary = relabel(RelabelJob(**spec))
+    assert summary["shards_skipped"] == len(committed) and summary["shards_written"] == 6 - len(committed)
+    rows = read_images(str(out)).to_pylist()
+    assert len(rows) == 6 and len({r["image_id"] for r in rows}) == 6  # every image exactly once
+    compare(str(out), whole, lossless=True)  # same labels as the uninterrupted relabelling
+    for path, mtime in parts.items():
+        assert path.exists() and path.stat().st_mtime_ns == mtime  # committed parts are not written again
