@@ -120,6 +120,7 @@ class TextScorer:
         self.tower = tower
         self.vocabulary = vocabulary
         self._cache: dict[str, torch.Tensor] = {}
+        self._columns_cache: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._names: tuple[str, ...] = () if vocabulary is None else vocabulary.names
         self._seen: tuple[bool, ...] = () if vocabulary is None else vocabulary.seen
         self._embeddings = (
@@ -140,8 +141,14 @@ class TextScorer:
         return self._cache[text]
 
     def _columns(self, text: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """[K' + 1, D] classifier, [K'] seen flags and the text's column, for the vocabulary plus the text."""
+        """[K' + 1, D] classifier, [K'] seen flags and the text's column, for the vocabulary plus the text
+        (kept per text: a search scores one text against many images)."""
         text = text.strip()
+        if text not in self._columns_cache:
+            self._columns_cache[text] = self._build_columns(text)
+        return self._columns_cache[text]
+
+    def _build_columns(self, text: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         if text in self._names:
             embeddings, seen, index = self._embeddings, list(self._seen), self._names.index(text)
         else:
