@@ -13,8 +13,6 @@ from ebseg.predictor import Segmenter
 from ebseg.proposals import branch_logits
 from ebseg.vocab import Vocabulary
 from ebseg.zoo import SegmenterSettings, load_model
-from pipeline.results.overlay import draw_region
-from pipeline.results.palette import class_color
 from pipeline.results.search import TextScorer, grid_masks, load_text_tower, region_mask
 
 NAMES = list(SHAPES_CLASSES)
@@ -125,18 +123,3 @@ def test_tiny_tower_is_the_workers_random_model():
     model = load_model("tiny")
     names = ["cat", "tree"]
     assert torch.equal(tower.classifier.encode_names(names), model.text.encode_names(names))
-
-
-def test_draw_region_tints_and_outlines_the_region():
-    image = np.full((20, 30, 3), 100, dtype=np.uint8)
-    mask = np.zeros((20, 30), dtype=bool)
-    mask[5:15, 10:20] = True
-    out = draw_region(image, mask, "yellow star", alpha=0.5)
-    color = class_color("yellow star")
-    assert tuple(out[5, 10]) == color  # the outline takes the colour as is
-    inside = np.rint(0.5 * 100 + 0.5 * np.array(color)).astype(np.uint8)
-    np.testing.assert_array_equal(out[10, 15], inside)
-    np.testing.assert_array_equal(out[0, 0], image[0, 0])  # outside: untouched
-    assert out.shape[0] >= 20 and out.shape[1] > 30  # the legend panel beside it
-    with pytest.raises(ValueError, match="bool"):
-        draw_region(image, mask.astype(np.uint8), "x")
