@@ -6,7 +6,10 @@ weights) or ``ebseg.checkpoint`` (trained models), so no weight file is ever rea
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import open_clip
+import torch
 from torch import nn
 
 from ebseg.config import ClipConfig, EBSegConfig, get_config
@@ -44,6 +47,31 @@ def build_open_clip(config: ClipConfig) -> nn.Module:
         layers=config.text_layers,
     )
     return open_clip.CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
+
+
+def build_text_classifier(config: ClipConfig) -> TextClassifier:
+    """The text tower alone (random weights), with the same parameter names as ``EBSeg.text``: loading it
+    from a checkpoint's ``text.*`` entries encodes names without building (or reading) the image towers."""
+    text_cfg = open_clip.model.CLIPTextCfg(
+        context_length=config.context_length,
+        vocab_size=config.vocab_size,
+        width=config.text_width,
+        heads=config.text_heads,
+        layers=config.text_layers,
+    )
+    tower = open_clip.model._build_text_tower(config.embed_dim, text_cfg, quick_gelu=True)
+    # TextClassifier takes CLIP's text attributes; a text tower has all of them but the temperature,
+    # which the checkpoint's ``text.logit_scale`` overwrites.
+    parts = SimpleNamespace(
+        token_embedding=tower.token_embedding,
+        positional_embedding=tower.positional_embedding,
+        transformer=tower.transformer,
+        ln_final=tower.ln_final,
+        text_projection=tower.text_projection,
+        logit_scale=nn.Parameter(torch.zeros(())),
+        attn_mask=tower.attn_mask,
+    )
+    return TextClassifier(parts)
 
 
 def apply_freezing(model: EBSeg) -> None:

@@ -66,6 +66,12 @@ class _Resize:
         return band[:, :, c_lo] * cw_lo + band[:, :, c_hi] * cw_hi
 
 
+def resize_logits(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[Q, h, w] mask logits -> [Q, H, W] at ``size``, with the same arithmetic as semantic inference (for
+    callers that want a query's own region at the original size)."""
+    return _Resize(masks, size).band(0, size[0])
+
+
 def semantic_sums(weights: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """weights: [Q, K]; probs: [Q, h, w] mask sigmoids -> [K, h, w] = sum_q w[q, k] * probs[q]."""
     return torch.einsum("qk,qhw->khw", weights, probs)

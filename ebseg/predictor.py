@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ebseg.balance import balance_class_probs, class_weights
 from ebseg.model import EBSeg
@@ -194,17 +193,9 @@ class Segmenter:
                 probs = balance_class_probs(
                     logits[0], logits[1], logits[2], self._seen, self.model.config.balance
                 )
-                masks = F.interpolate(
-                    proposal.masks.to(self.device)[None],
-                    size=proposal.padded_size,
-                    mode="bilinear",
-                    align_corners=False,
-                )[0]
-                h, w = proposal.input_size
+                masks = proposal.input_masks(device=self.device)
                 size = (int(size[0]), int(size[1]))
-                results.append(
-                    self._postprocess(class_weights(probs), masks[:, :h, :w], size, return_probabilities)
-                )
+                results.append(self._postprocess(class_weights(probs), masks, size, return_probabilities))
         return results
 
     def _checked_sizes(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 MASK_ENCODINGS = ("float32", "float16", "float8", "uint8")
 EMBEDDING_ENCODINGS = ("float32", "float16")
@@ -47,6 +48,17 @@ class Proposals:
     @property
     def padded_size(self) -> tuple[int, int]:
         return 4 * self.masks.shape[-2], 4 * self.masks.shape[-1]
+
+    def input_masks(
+        self, queries: slice | list[int] | None = None, *, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """[Q', h, w] mask logits at the model input size (unpadded) of the chosen queries (default all),
+        on ``device`` (default: the masks'): upsampled from the grid to the padded input and cropped, as
+        labelling does before resizing to the original size (``Segmenter.label``)."""
+        masks = (self.masks if queries is None else self.masks[queries]).to(device)
+        padded = F.interpolate(masks[None], size=self.padded_size, mode="bilinear", align_corners=False)[0]
+        h, w = self.input_size
+        return padded[:, :h, :w]
 
 
 def branch_logits(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,19 @@ def draw_overlay(
     return np.asarray(canvas)
 
 
+def draw_region(
+    image: np.ndarray, mask: np.ndarray, text: str, *, alpha: float = 0.5, side_by_side: bool = False
+) -> np.ndarray:
+    """uint8 [H', W', 3]: ``image`` with a found region (bool [H, W], e.g. ``pipeline.results.search.
+    region_mask``) tinted and outlined in the colour of ``text`` and ``text`` in the legend, drawn as
+    ``draw_overlay`` draws a class (``ebseg show OUTPUT IMAGE --text TEXT``)."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise ValueError(f"mask must be bool [H, W], got {mask.dtype} {mask.shape}")
+    label_map = np.where(mask, 0, -1).astype(np.int32)  # one class, the text; elsewhere nothing drawn
+    return draw_overlay(image, label_map, [text], alpha=alpha, side_by_side=side_by_side)
+
+
 def read_source(
     source_uri: str,
     member: str | None,

@@ -12,7 +12,7 @@ from ebseg.data.shapes import write_shapes
 from pipeline.label.decode import decode_image
 from pipeline.label.job import LabelJob
 from pipeline.label.run import run
-from pipeline.results.overlay import GAP, SWATCH, blend, boundary, draw_overlay
+from pipeline.results.overlay import GAP, SWATCH, blend, boundary, draw_overlay, draw_region
 from pipeline.results.palette import COLOR_WORDS, NEUTRAL, class_color, text_color
 from pipeline.results.query import open_output
 from pipeline.results.show import render_overlay
@@ -88,6 +88,21 @@ def test_colours_read_as_their_names_and_stay_apart():
     assert len(set(colors)) == len(names) and colors == [class_color(n) for n in names]  # stable
     assert all(text_color(c) in ((0, 0, 0), (255, 255, 255)) for c in colors)
     assert text_color((255, 255, 0)) == (0, 0, 0) and text_color((0, 0, 128)) == (255, 255, 255)
+
+
+def test_draw_region_tints_and_outlines_the_region():
+    image = np.full((20, 30, 3), 100, dtype=np.uint8)
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[5:15, 10:20] = True
+    out = draw_region(image, mask, "yellow star", alpha=0.5)
+    color = class_color("yellow star")
+    assert tuple(out[5, 10]) == color  # the outline takes the colour as is
+    inside = np.rint(0.5 * 100 + 0.5 * np.array(color)).astype(np.uint8)
+    np.testing.assert_array_equal(out[10, 15], inside)
+    np.testing.assert_array_equal(out[0, 0], image[0, 0])  # outside: untouched
+    assert out.shape[0] >= 20 and out.shape[1] > 30  # the legend panel beside it
+    with pytest.raises(ValueError, match="bool"):
+        draw_region(image, mask.astype(np.uint8), "x")
 
 
 def test_draw_overlay_without_classes_and_bad_input():

@@ -1,0 +1,196 @@
+"""Text search over stored proposals: which region of an image best matches a free text, and how well.
+
+An image's ``Proposals`` (``ebseg.proposals``) hold every mask query's logits on the stride-4 grid and its
+three vocabulary-free embeddings (A, B, D). A text is scored against each query the way labelling scores a
+class: the text joins the output's vocabulary as one more class, the three branches' distributions are
+balanced with the model's AdaB exponents (``ebseg.balance``), and the text's column of the result is the
+fused probability of the text times 1 - p(background) of that query. A query's region is its mask
+(sigmoid > 0.5, i.e. logit > 0) on the grid; ``region_mask`` maps it to the original size with the same
+resizes labelling applies (``Proposals.input_masks``, ``ebseg.postprocess.resize_logits``).
+
+Only the text tower is needed: ``load_text_tower`` builds it alone and fills it from the checkpoint's
+``text.*`` entries (``tiny``, whose weights are random, is built whole under the seed every worker uses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ebseg.balance import balance_class_probs
+from ebseg.build import build_text_classifier
+from ebseg.checkpoint import FORMAT, load_checked, read_object
+from ebseg.config import BalanceConfig, EBSegConfig, get_config
+from ebseg.downloads import HF_FILES, official_file
+from ebseg.modeling.text_classifier import TextClassifier
+from ebseg.official import convert_official_state_dict, infer_official_preset, unwrap_state_dict
+from ebseg.postprocess import resize_logits
+from ebseg.proposals import Proposals, branch_logits
+from ebseg.seen import default_synonyms, seen_flags
+from ebseg.vocab import Vocabulary
+from ebseg.zoo import DEMO_WEIGHTS, RANDOM_PRESETS, RANDOM_SEED, SegmenterSettings, load_model
+
+STRIDE = 4  # the mask grid's stride on the model input (``Proposals``)
+TEXT_PREFIX = "text."
+
+
+@dataclass
+class TextTower:
+    """What scoring a text needs from a model: its text classifier (frozen, eval mode) and its balancing."""
+
+    classifier: TextClassifier
+    balance: BalanceConfig
+    model: str  # the ``--model`` value it was loaded from
+
+
+def _checkpoint_text(uri: str, map_location) -> tuple[EBSegConfig, dict[str, torch.Tensor]]:
+    """The config and the text tower's entries (``text.`` removed) of an ebseg or official checkpoint."""
+    obj = read_object(uri, map_location)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        config, state = EBSegConfig.from_dict(obj["config"]), obj["state_dict"]
+    else:
+        official = unwrap_state_dict(obj)
+        config, state = get_config(infer_official_preset(official)), convert_official_state_dict(official)
+    text = {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    return config, text
+
+
+def load_text_tower(model: str | SegmenterSettings, *, map_location: str = "cpu") -> TextTower:
+    """The text tower of the model a ``--model`` value (or a worker's ``SegmenterSettings``) names.
+
+    Checkpoints (demo, base, large, paths) are read once and only the text tower is built; its entries
+    must fit exactly (``CheckpointMismatchError`` otherwise). ``tiny`` has random weights drawn while
+    building the whole model, so it is built whole (small) under ``RANDOM_SEED``, as workers build it.
+    """
+    spec = model.model if isinstance(model, SegmenterSettings) else model
+    if spec in RANDOM_PRESETS:
+        torch.manual_seed(RANDOM_SEED)
+        network = load_model(spec, map_location=map_location)
+        text, balance = network.text, network.config.balance
+    else:
+        uri = DEMO_WEIGHTS if spec == "demo" else official_file(spec) if spec in HF_FILES else spec
+        config, state = _checkpoint_text(uri, map_location)
+        text, balance = build_text_classifier(config.clip), config.balance
+        load_checked(text, state, text.state_dict(), strict=True, what=f"{uri} (text tower)")
+        text.to(map_location)
+    # Frozen as in EBSeg: attention takes another (bitwise different) path for parameters needing grads.
+    return TextTower(classifier=text.eval().requires_grad_(False), balance=balance, model=spec)
+
+
+class Region(NamedTuple):
+    """An image's best region for a text. mask: bool [ceil(h / 4), ceil(w / 4)] on the grid of the
+    unpadded model input; area: its fraction of that grid, in [0, 1]."""
+
+    query: int
+    score: float
+    area: float
+    mask: np.ndarray
+
+
+def grid_masks(proposals: Proposals) -> torch.Tensor:
+    """bool [Q, ceil(h / 4), ceil(w / 4)]: each query's region (logit > 0) on the grid cells the unpadded
+    input covers."""
+    h, w = proposals.input_size
+    return proposals.masks[:, : math.ceil(h / STRIDE), : math.ceil(w / STRIDE)] > 0
+
+
+def region_mask(proposals: Proposals, query: int, size: tuple[int, int]) -> np.ndarray:
+    """bool [H, W]: query ``query``'s region at an original (height, width), mapped back from the grid
+    exactly as labelling maps mask logits (upsample to the padded input, crop, resize to ``size``)."""
+    logits = resize_logits(proposals.input_masks([query]), (int(size[0]), int(size[1])))
+    return (logits[0] > 0).numpy()
+
+
+class TextScorer:
+    """Scores texts against images' proposals with one model's text tower.
+
+    vocabulary: the classes the text competes with for each query besides background (the output's
+    labelling vocabulary); None: background alone, so a query's score is 1 - p(background) against the
+    text. A text equal to one of its names is that class, not a second copy. Text embeddings are cached.
+    """
+
+    def __init__(self, tower: TextTower, vocabulary: Vocabulary | Sequence[str] | None = None):
+        if vocabulary is not None and not isinstance(vocabulary, Vocabulary):
+            vocabulary = Vocabulary(list(vocabulary))
+        self.tower = tower
+        self.vocabulary = vocabulary
+        self._cache: dict[str, torch.Tensor] = {}
+        self._columns_cache: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._names: tuple[str, ...] = () if vocabulary is None else vocabulary.names
+        self._seen: tuple[bool, ...] = () if vocabulary is None else vocabulary.seen
+        self._embeddings = (
+            self._encode(list(self._names)) if self._names else torch.zeros(0, tower.classifier.embed_dim)
+        )
+
+    def _encode(self, names: list[str]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.tower.classifier.encode_names(names).cpu()
+
+    def text_embedding(self, text: str) -> torch.Tensor:
+        """[D] unit prompt-ensembled embedding of ``text`` (as a class name)."""
+        text = text.strip()
+        if not text:
+            raise ValueError("empty search text")
+        if text not in self._cache:
+            self._cache[text] = self._encode([text])[0]
+        return self._cache[text]
+
+    def _columns(self, text: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """[K' + 1, D] classifier, [K'] seen flags and the text's column, for the vocabulary plus the text
+        (kept per text: a search scores one text against many images)."""
+        text = text.strip()
+        if text not in self._columns_cache:
+            self._columns_cache[text] = self._build_columns(text)
+        return self._columns_cache[text]
+
+    def _build_columns(self, text: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if text in self._names:
+            embeddings, seen, index = self._embeddings, list(self._seen), self._names.index(text)
+        else:
+            embeddings = torch.cat([self._embeddings, self.text_embedding(text)[None]])
+            seen = [*self._seen, *seen_flags([default_synonyms(text)], normalize=True)]
+            index = len(self._names)
+        with torch.inference_mode():
+            classifier = self.tower.classifier.classifier(
+                embeddings.to(self.tower.classifier.bg_embed.device)
+            )
+        return classifier.cpu(), torch.tensor(seen, dtype=torch.bool), index
+
+    def score(self, proposals: Proposals, text: str) -> tuple[torch.Tensor, int]:
+        """Per-query scores [Q] float32 in [0, 1] of ``text`` and the best query (its argmax)."""
+        classifier, seen, index = self._columns(text)
+        logits = branch_logits(proposals.embeddings, classifier)
+        probs = balance_class_probs(logits[0], logits[1], logits[2], seen, self.tower.balance)
+        scores = probs[:, index]
+        return scores, int(scores.argmax())
+
+    def best_region(self, proposals: Proposals, text: str, min_area: float = 0.0) -> Region | None:
+        """The highest-scoring query whose region is not empty and covers at least ``min_area`` of the
+        image (a fraction), or None when no region does."""
+        scores, _ = self.score(proposals, text)
+        masks = grid_masks(proposals)
+        areas = masks.flatten(1).float().mean(1)
+        eligible = (areas > 0) & (areas >= min_area)
+        if not bool(eligible.any()):
+            return None
+        query = int(torch.where(eligible, scores, torch.full_like(scores, -1.0)).argmax())
+        return Region(query, float(scores[query]), float(areas[query]), masks[query].numpy())
+
+    def search(
+        self,
+        items: Iterable[tuple[str, Proposals]],
+        text: str,
+        *,
+        min_area: float = 0.0,
+        limit: int | None = None,
+    ) -> list[tuple[str, Region]]:
+        """(image id, best region) of each image that has one, best score first (ties: image id), at most
+        ``limit`` of them."""
+        found = [(key, r) for key, p in items if (r := self.best_region(p, text, min_area)) is not None]
+        found.sort(key=lambda item: (-item[1].score, item[0]))
+        return found if limit is None else found[:limit]
