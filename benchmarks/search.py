@@ -25,14 +25,14 @@ from ebseg.data.shapes import SHAPES_CLASSES, generate
 from ebseg.predictor import Segmenter
 from ebseg.proposals import Proposals
 from ebseg.zoo import load_model
-from pipeline.results.search import TextScorer, grid_masks, load_text_tower, region_mask
+from pipeline.results.search import TextScorer, load_text_tower, region_mask
 
 
 def cosine_scores(scorer: TextScorer, proposals: Proposals, text: str) -> float:
     """The best cosine similarity of a non-empty query's embedding D with the text's embedding."""
     d = F.normalize(proposals.embeddings[2], dim=-1)
     cos = d @ scorer.text_embedding(text)
-    nonempty = grid_masks(proposals).flatten(1).any(1)
+    nonempty = proposals.regions().flatten(1).any(1)
     return float(cos[nonempty].max()) if bool(nonempty.any()) else -1.0
 
 

@@ -60,6 +60,32 @@ class Proposals:
         h, w = self.input_size
         return padded[:, :h, :w]
 
+    def regions(self) -> torch.Tensor:
+        """bool [Q, ceil(h / 4), ceil(w / 4)]: each query's region (logit > 0) on the grid cells the
+        unpadded input covers; what search and the stored areas and boxes count."""
+        h, w = self.input_size
+        return self.masks[:, : -(-h // 4), : -(-w // 4)] > 0
+
+    def region_stats(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: area (float32 [Q], the region's fraction of the grid) and box (int32 [Q, 4],
+        ``[x, y, w, h]`` at the original ``height`` x ``width``, from the grid cells scaled; zeros for an
+        empty region). Grid resolution: a box is exact to a cell (4 input pixels) and its scaling."""
+        regions = self.regions()
+        areas = regions.flatten(1).float().mean(1).numpy().astype(np.float32)
+        boxes = np.zeros((regions.shape[0], 4), np.int32)
+        h, w = self.input_size
+        sy, sx = height / h, width / w
+        rows, cols = regions.any(2).numpy(), regions.any(1).numpy()
+        for q in np.flatnonzero(areas > 0):
+            r, c = np.flatnonzero(rows[q]), np.flatnonzero(cols[q])
+            x0, y0 = int(c[0] * 4 * sx), int(r[0] * 4 * sy)
+            x1, y1 = (
+                min(width, round(min(w, 4 * (c[-1] + 1)) * sx)),
+                min(height, round(min(h, 4 * (r[-1] + 1)) * sy)),
+            )
+            boxes[q] = (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+        return areas, boxes
+
 
 def branch_logits(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """embeddings: [3, Q, D] (A, B, D); classifier: [K + 1, D] (``TextClassifier.classifier``) ->

@@ -5,7 +5,8 @@
     ebseg train SPEC.yaml        ebseg eval SPEC.yaml
     ebseg submit SPEC.yaml --address http://HOST:8265 [--wait]    ebseg status JOB_ID    ebseg logs JOB_ID
     ebseg query OUTPUT "SQL" [--format table|csv|json]
-    ebseg show OUTPUT IMAGE_ID --out overlay.png
+    ebseg search OUTPUT "TEXT" [--min-area F] [--limit N] [--format table|csv|json]   (needs --proposals)
+    ebseg show OUTPUT IMAGE_ID --out overlay.png [--text "TEXT"]
     ebseg export OUTPUT DEST --format coco|png|hf
     ebseg report OUTPUT [--out report.html]
 
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 
 from jobs.console import EXIT_FAILED, EXIT_USAGE, JOB_ERRORS, CommandError, say, show_warning
 from jobs.flags import add_spec_flags
-from jobs.results import cmd_export, cmd_query, cmd_report, cmd_show
+from jobs.results import cmd_export, cmd_query, cmd_report, cmd_search, cmd_show
 from jobs.runs import RUNNERS, cmd_run
 from jobs.specs import SpecError
 from jobs.submit import SubmitError
@@ -97,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--max-rows", type=int, default=100, help="table rows shown (csv and json print all)")
     _storage_flag(query)
 
+    search = sub.add_parser(
+        "search", help="images ranked by their best region for a free text (needs label --proposals)",
+        allow_abbrev=False,
+    )  # fmt: skip
+    search.add_argument("output", metavar="OUTPUT")
+    search.add_argument("text", metavar="TEXT", help='e.g. "a red umbrella"')
+    search.add_argument(
+        "--min-area", type=_fraction, default=0.0, help="ignore regions under this fraction of the image"
+    )
+    search.add_argument("--limit", type=_positive, default=10, help="images listed (default 10)")
+    search.add_argument("--format", choices=FORMATS, default="table")
+    _storage_flag(search)
+
     show = sub.add_parser(
         "show", help="draw one labelled image with its masks, outlines and legend", allow_abbrev=False
     )
@@ -108,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--side-by-side", action=argparse.BooleanOptionalAction, default=True,
         help="the original to the left of the overlay (default); --no-side-by-side draws the overlay alone",
     )  # fmt: skip
+    show.add_argument("--text", help="draw the image's best region for this text instead (needs --proposals)")
     _storage_flag(show)
 
     export = sub.add_parser(
@@ -130,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="HTML file to write (path or URI); default OUTPUT/report.html")
     _storage_flag(report)
     return parser
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _version() -> str:
@@ -226,6 +255,7 @@ _COMMANDS = {
     "status": cmd_status,
     "logs": cmd_logs,
     "query": cmd_query,
+    "search": cmd_search,
     "show": cmd_show,
     "export": cmd_export,
     "report": cmd_report,

@@ -1,5 +1,5 @@
-"""The output commands, ``ebseg query`` / ``show`` / ``export`` / ``report``, over a labelling output (local
-or a URI)."""
+"""The output commands, ``ebseg query`` / ``search`` / ``show`` / ``export`` / ``report``, over a labelling
+output (local or a URI)."""
 
 from __future__ import annotations
 
@@ -64,13 +64,30 @@ def cmd_show(args: argparse.Namespace) -> int:
         storage_options=options,
         alpha=args.alpha,
         side_by_side=args.side_by_side,
+        text=args.text,
     )
-    classes = ", ".join(drawn["classes"]) or "no class"
+    if args.text is not None and drawn["score"] is None:
+        classes = f"no region for {args.text!r}"
+    elif args.text is not None:
+        classes = f"{args.text!r}: score {drawn['score']:.3f}, {100 * drawn['area']:.1f} % of the image"
+    else:
+        classes = ", ".join(drawn["classes"]) or "no class"
     layout = "original | overlay | legend" if args.side_by_side else "overlay | legend"
     width, height = drawn["canvas"]
     print(
         f"wrote {args.out} ({drawn['width']}x{drawn['height']} image; {width}x{height}: {layout}): {classes}"
     )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pipeline.results.query import open_output
+
+    if not args.text.strip():
+        raise CommandError("search: TEXT is empty")
+    with open_output(args.output, storage_options=_options(args)) as out:
+        result = out.search(args.text, min_area=args.min_area, limit=args.limit, format="arrow")
+    write_result(result, sys.stdout, args.format, max_rows=None)
     return 0
 
 

@@ -166,8 +166,9 @@ def run_eval(spec, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_relabel(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.label.plan import OutputMismatchError
+    from pipeline.label.proposal_records import NoProposalsError
     from pipeline.label.run import IncompleteRunError
-    from pipeline.relabel.plan import ModelMismatchError, NoProposalsError
+    from pipeline.relabel.plan import ModelMismatchError
     from pipeline.relabel.run import run
 
     job = spec.to_job()

@@ -127,18 +127,25 @@ def manifest_files(
     raise ValueError(f"{where} names no data file ('files' list of {{'file': ...}}, or 'file')")
 
 
+def committed_parts(fs, root: str) -> tuple[list[str], list[str]]:
+    """Paths (on ``fs``) of the committed shards' images parts and proposals parts, sorted by shard,
+    reading each manifest once."""
+    images, proposals = [], []
+    for path in manifest_paths(fs, root):
+        manifest = storage.read_json(fs, path)
+        where = f"manifest {storage.full_uri(fs, path)}"
+        images.extend(storage.join(root, name) for name in manifest_files(manifest, where=where))
+        names = manifest_files(manifest, where=where, proposals=True)
+        proposals.extend(storage.join(root, name) for name in names)
+    return images, proposals
+
+
 def committed_files(fs, root: str, *, proposals: bool = False) -> list[str]:
     """Paths (on ``fs``) of the Parquet files of the committed shards under ``root``, sorted by shard.
 
     proposals: the proposals parts instead of the images parts.
     """
-    files = []
-    for path in manifest_paths(fs, root):
-        manifest = storage.read_json(fs, path)
-        where = f"manifest {storage.full_uri(fs, path)}"
-        names = manifest_files(manifest, where=where, proposals=proposals)
-        files.extend(storage.join(root, name) for name in names)
-    return files
+    return committed_parts(fs, root)[1 if proposals else 0]
 
 
 def decode_label_map(data: bytes) -> np.ndarray:

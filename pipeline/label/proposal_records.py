@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from ebseg.proposals import (
     DEFAULT_ENCODING,
@@ -33,7 +34,8 @@ from ebseg.proposals import (
     encode_embeddings,
     encode_masks,
 )
-from pipeline.layout import METADATA_KEY, SCHEMA_VERSION
+from pipeline import storage
+from pipeline.layout import JOB_FILE, METADATA_KEY, PROPOSALS_FILE, SCHEMA_VERSION
 
 EncodingName = Literal["default", "lossless"]
 # ``proposals_encoding`` of a job -> (mask encoding, embedding encoding) of ``ebseg.proposals``.
@@ -60,6 +62,10 @@ def proposals_schema(embedding_encoding: str) -> pa.Schema:
             pa.field("height", pa.int32(), nullable=False),  # original size (the label maps' size)
             pa.field("width", pa.int32(), nullable=False),
             pa.field("masks", pa.binary(), nullable=False),
+            # Per query, from the stored (decoded) masks: the region's fraction of the grid and its box
+            # [x, y, w, h] at the original size (``Proposals.region_stats``), for SQL without decoding.
+            pa.field("areas", pa.list_(pa.float32()), nullable=False),
+            pa.field("boxes", pa.list_(pa.list_(pa.int32())), nullable=False),
             *(pa.field(name, vectors, nullable=False) for name in BRANCHES),
         ],
         metadata={METADATA_KEY: str(SCHEMA_VERSION).encode()},
@@ -99,6 +105,25 @@ class ProposalsInfo:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+class NoProposalsError(ValueError):
+    """The output holds no proposals (labelled without ``--proposals``, or not an output at all)."""
+
+
+def read_proposals_info(fs, root: str) -> ProposalsInfo:
+    """``OUT/proposals.json`` of a labelling output; NoProposalsError when there is none."""
+    uri = storage.full_uri(fs, root)
+    if not fs.exists(storage.join(root, JOB_FILE)):
+        raise NoProposalsError(f"{uri} is not a labelling output: it has no {JOB_FILE}")
+    path = storage.join(root, PROPOSALS_FILE)
+    if not fs.exists(path):
+        raise NoProposalsError(
+            f"{uri} holds no proposals ({PROPOSALS_FILE} is missing): it was labelled without --proposals. "
+            "Label it again with `ebseg label ... --proposals` to relabel or search it later, or label it "
+            "with the new vocabulary directly."
+        )
+    return ProposalsInfo.from_dict(storage.read_json(fs, path))
+
+
 def encode_proposals(proposals: Proposals, encoding: tuple[str, str]) -> dict[str, Any]:
     """One image's proposals -> the encoded values a model stage hands to the writer (numpy, picklable)."""
     mask_encoding, embedding_encoding = encoding
@@ -125,6 +150,9 @@ def proposal_rows(batch: Mapping[str, Sequence[Any]], encoding: tuple[str, str])
         embeddings = np.asarray(batch["proposal_embeddings"][i])
         q, gh, gw = masks.shape
         input_h, input_w = (int(v) for v in batch["proposal_input_size"][i])
+        height, width = int(batch["height"][i]), int(batch["width"][i])
+        decoded = Proposals(decode_masks(masks, mask_encoding), torch.zeros(0), (input_h, input_w))
+        areas, boxes = decoded.region_stats(height, width)
         rows.append(
             {
                 "image_id": str(batch["image_id"][i]),
@@ -137,9 +165,11 @@ def proposal_rows(batch: Mapping[str, Sequence[Any]], encoding: tuple[str, str])
                 "grid_width": gw,
                 "input_height": input_h,
                 "input_width": input_w,
-                "height": int(batch["height"][i]),
-                "width": int(batch["width"][i]),
+                "height": height,
+                "width": width,
                 "masks": np.ascontiguousarray(masks).tobytes(),
+                "areas": areas.tolist(),
+                "boxes": boxes.tolist(),
                 **{name: list(embeddings[b]) for b, name in enumerate(BRANCHES)},
             }
         )

@@ -19,16 +19,12 @@ from ebseg.vocab import Vocabulary
 from ebseg.zoo import ModelInfo, SegmenterSettings, describe_model
 from pipeline import storage
 from pipeline.label.plan import canonical_uri
-from pipeline.label.proposal_records import ProposalsInfo
-from pipeline.layout import JOB_FILE, PROPOSALS_FILE, SCHEMA_VERSION, manifest_files, manifest_paths
+from pipeline.label.proposal_records import NoProposalsError, ProposalsInfo, read_proposals_info
+from pipeline.layout import JOB_FILE, SCHEMA_VERSION, manifest_files, manifest_paths
 from pipeline.relabel.job import RelabelJob
 
 # Job fields that decide what a record holds: a rerun into the same output must agree on all of them.
 IDENTITY_FIELDS = ("source", "source_run_id", "model_id", "vocabulary_id", "resolution")
-
-
-class NoProposalsError(ValueError):
-    """The source output holds no proposals (labelled without ``--proposals``, or not an output at all)."""
 
 
 class ModelMismatchError(ValueError):
@@ -70,21 +66,6 @@ class RelabelPlan:
             device="cpu",
             num_threads=max(1, int(job.cpus_per_actor)),
         )
-
-
-def read_proposals_info(fs, root: str) -> ProposalsInfo:
-    """``OUT/proposals.json`` of a labelling output; NoProposalsError when there is none."""
-    uri = storage.full_uri(fs, root)
-    if not fs.exists(storage.join(root, JOB_FILE)):
-        raise NoProposalsError(f"{uri} is not a labelling output: it has no {JOB_FILE}")
-    path = storage.join(root, PROPOSALS_FILE)
-    if not fs.exists(path):
-        raise NoProposalsError(
-            f"{uri} holds no proposals ({PROPOSALS_FILE} is missing): it was labelled without --proposals. "
-            "Label it again with `ebseg label ... --proposals` to relabel it later, or label it with the "
-            "new vocabulary directly."
-        )
-    return ProposalsInfo.from_dict(storage.read_json(fs, path))
 
 
 def make_plan(job: RelabelJob) -> RelabelPlan:

@@ -81,7 +81,8 @@ def build_relabel_dataset(
 def run(job: RelabelJob, *, stage_cls: type[RelabelShards] = RelabelShards) -> dict[str, Any]:
     """Relabel every committed shard of ``job.source`` not yet committed under ``job.output``; the summary.
 
-    Raises NoProposalsError / ModelMismatchError (``pipeline.relabel.plan``) before anything is written.
+    Raises NoProposalsError (``pipeline.label.proposal_records``) / ModelMismatchError
+    (``pipeline.relabel.plan``) before anything is written.
     stage_cls: the stage's class (tests pass subclasses that slow it down).
     """
     start = time.monotonic()

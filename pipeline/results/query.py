@@ -1,4 +1,5 @@
-"""Query a labelling output with DuckDB: ``images`` and ``segments`` views over its committed shards.
+"""Query a labelling output with DuckDB: ``images`` and ``segments`` views over its committed shards, and
+``proposals`` over its stored proposals when it has them (``ebseg label --proposals``).
 
 Only the Parquet files named by ``_manifest/*.json`` are read (``docs/schema.md``: a retried task or an
 interrupted run can leave complete part files that no manifest lists), in either layout: schema version 2
@@ -10,6 +11,7 @@ registered on the DuckDB connection, so S3 settings come from the environment (a
     with open_output("s3://bucket/out") as out:
         out.images_with("cat", min_area_fraction=0.1)
         out.sql("SELECT label, count(*) FROM segments GROUP BY label")
+        out.search("a red umbrella", limit=5)  # needs proposals
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import pyarrow as pa
 
 from ebseg.vocab import Vocabulary
 from pipeline import storage
+from pipeline.label.proposal_records import ProposalsInfo, read_proposals, read_proposals_info
 from pipeline.layout import (
     IMAGES_SCHEMA,
     JOB_FILE,
     SUMMARY_FILE,
     VOCABULARY_FILE,
-    committed_files,
+    committed_parts,
     decode_label_map,
     rle_to_mask,
 )
@@ -48,7 +51,9 @@ class LabelOutput:
 
     Views: ``images`` (one row per image: the light columns of the ``images`` table plus ``num_segments``;
     ``label_map`` and ``segments`` too when opened with ``heavy=True``) and ``segments`` (one row per image
-    and class present: ``image_id`` and the segment struct's fields). ``con`` is the connection itself.
+    and class present: ``image_id`` and the segment struct's fields); with stored proposals also
+    ``proposals`` (one row per image and mask query: ``image_id``, ``query``, ``area``, ``bbox``, ``height``,
+    ``width``, and the embeddings ``emb_a``, ``emb_b``, ``emb_d`` as ``FLOAT[]``). ``con`` is the connection.
     """
 
     def __init__(self, uri: str, *, storage_options: Mapping[str, Any] | None = None, heavy: bool = False):
@@ -59,7 +64,10 @@ class LabelOutput:
         if not fs.exists(storage.join(root, JOB_FILE)):
             raise FileNotFoundError(f"{self.uri} is not a labelling output: it has no job.json")
         self._vocabulary = Vocabulary.from_dict(storage.read_json(fs, storage.join(root, VOCABULARY_FILE)))
-        self.files = [storage.full_uri(fs, p) for p in committed_files(fs, root)]
+        images, proposals = committed_parts(fs, root)
+        self.files = [storage.full_uri(fs, p) for p in images]
+        self.proposal_files = [storage.full_uri(fs, p) for p in proposals]
+        self._scorer = None
         self.con = duckdb.connect()
         try:
             if not storage.is_local(fs):
@@ -85,6 +93,15 @@ class LabelOutput:
             f"CREATE VIEW segments AS SELECT image_id, {fields} "
             f"FROM (SELECT image_id, unnest(segments) AS s FROM {_RAW} WHERE segments IS NOT NULL)"
         )
+        if self.proposal_files:
+            listing = ", ".join(_quote(f) for f in self.proposal_files)
+            # Parallel unnests zip: row q of every per-query list. float16 embeddings read as FLOAT.
+            self.con.execute(
+                "CREATE VIEW proposals AS SELECT image_id, unnest(range(queries)) AS query, "
+                "unnest(areas) AS area, unnest(boxes) AS bbox, height, width, "
+                "unnest(emb_a)::FLOAT[] AS emb_a, unnest(emb_b)::FLOAT[] AS emb_b, "
+                f"unnest(emb_d)::FLOAT[] AS emb_d FROM read_parquet([{listing}])"
+            )
 
     # ------------------------------------------------------------------------------------------- queries
 
@@ -203,6 +220,68 @@ class LabelOutput:
         """Rows of the ``segments`` view (one per image and class present), like :meth:`images`:
         ``out.segments("label = $1 AND area_fraction > 0.1", ["cat"])``."""
         return self._rows("segments", where, params, columns, limit, format)
+
+    @property
+    def has_proposals(self) -> bool:
+        """True when the output stores proposals (labelled with ``--proposals``)."""
+        return bool(self.proposal_files)
+
+    @property
+    def proposals_info(self) -> ProposalsInfo:
+        """``OUT/proposals.json``; NoProposalsError when the output has none."""
+        fs, root = storage.url_to_fs(self.uri, self.storage_options)
+        return read_proposals_info(fs, root)
+
+    def text_scorer(self):
+        """The ``TextScorer`` of this output's model and vocabulary (loaded once; texts are cached)."""
+        if self._scorer is None:
+            from pipeline.results.search import TextScorer, load_text_tower
+
+            self._scorer = TextScorer(load_text_tower(self.proposals_info.model), self.vocabulary)
+        return self._scorer
+
+    def image_proposals(self, image_id: str):
+        """(``Proposals``, original (height, width)) of one image; KeyError when it has none."""
+        table = self.sql(
+            "SELECT * FROM read_parquet($1) WHERE image_id = $2", [self.proposal_files, image_id]
+        )
+        if not table.num_rows:
+            raise KeyError(f"no proposals for image {image_id!r} in {self.uri}")
+        return read_proposals(table)[image_id]
+
+    def search(self, text: str, *, min_area: float = 0.0, limit: int | None = 10, format: str = "pandas"):
+        """Images ranked by their best region for ``text`` (``pipeline.results.search``), best first:
+        ``image_id``, ``query``, ``score``, ``area`` (fraction of the image), ``bbox`` ([x, y, w, h] at
+        the original size), ``source_uri``. min_area: ignore regions smaller than this fraction.
+        NoProposalsError when the output has no proposals. One proposals part is decoded at a time."""
+        scorer = self.text_scorer()
+        found = []
+        for uri in self.proposal_files:
+            decoded = read_proposals(self.sql("SELECT * FROM read_parquet($1)", [uri]))
+            items = ((image_id, proposals) for image_id, (proposals, _) in decoded.items())
+            for image_id, region in scorer.search(items, text, min_area=min_area):
+                _, boxes = decoded[image_id][0].region_stats(*decoded[image_id][1])
+                found.append((image_id, region, boxes[region.query].tolist()))
+            found.sort(key=lambda item: (-item[1].score, item[0]))
+            del found[limit if limit is not None else len(found) :]
+        sources = (
+            dict(self.con.execute("SELECT image_id, source_uri FROM images").fetchall()) if found else {}
+        )
+        table = pa.table(
+            {
+                "image_id": pa.array([f[0] for f in found], pa.string()),
+                "query": pa.array([f[1].query for f in found], pa.int32()),
+                "score": pa.array([f[1].score for f in found], pa.float32()),
+                "area": pa.array([f[1].area for f in found], pa.float32()),
+                "bbox": pa.array([f[2] for f in found], pa.list_(pa.int32())),
+                "source_uri": pa.array([sources.get(f[0]) for f in found], pa.string()),
+            }
+        )
+        if format == "pandas":
+            return table.to_pandas()
+        if format == "arrow":
+            return table
+        raise ValueError(f"format must be 'pandas' or 'arrow', got {format!r}")
 
     def overlay(self, image_id: str, *, alpha: float = 0.5, side_by_side: bool = True):
         """``image_id`` drawn with its classes (the original beside it, the legend to the right) as a PIL

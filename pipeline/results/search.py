@@ -14,7 +14,6 @@ Only the text tower is needed: ``load_text_tower`` builds it alone and fills it 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,7 +34,6 @@ from ebseg.seen import default_synonyms, seen_flags
 from ebseg.vocab import Vocabulary
 from ebseg.zoo import DEMO_WEIGHTS, RANDOM_PRESETS, RANDOM_SEED, SegmenterSettings, load_model
 
-STRIDE = 4  # the mask grid's stride on the model input (``Proposals``)
 TEXT_PREFIX = "text."
 
 
@@ -90,13 +88,6 @@ class Region(NamedTuple):
     score: float
     area: float
     mask: np.ndarray
-
-
-def grid_masks(proposals: Proposals) -> torch.Tensor:
-    """bool [Q, ceil(h / 4), ceil(w / 4)]: each query's region (logit > 0) on the grid cells the unpadded
-    input covers."""
-    h, w = proposals.input_size
-    return proposals.masks[:, : math.ceil(h / STRIDE), : math.ceil(w / STRIDE)] > 0
 
 
 def region_mask(proposals: Proposals, query: int, size: tuple[int, int]) -> np.ndarray:
@@ -173,7 +164,7 @@ class TextScorer:
         """The highest-scoring query whose region is not empty and covers at least ``min_area`` of the
         image (a fraction), or None when no region does."""
         scores, _ = self.score(proposals, text)
-        masks = grid_masks(proposals)
+        masks = proposals.regions()
         areas = masks.flatten(1).float().mean(1)
         eligible = (areas > 0) & (areas >= min_area)
         if not bool(eligible.any()):

@@ -18,9 +18,10 @@ from ebseg.vocab import Vocabulary
 from pipeline import layout, storage
 from pipeline.label.job import LabelJob
 from pipeline.label.plan import OutputMismatchError
+from pipeline.label.proposal_records import NoProposalsError
 from pipeline.label.run import run as label
 from pipeline.relabel.job import RelabelJob
-from pipeline.relabel.plan import ModelMismatchError, NoProposalsError
+from pipeline.relabel.plan import ModelMismatchError
 from pipeline.relabel.run import run as relabel
 from pipeline.relabel.stage import RelabelShards, enlarge
 from pipeline.results.export import export_coco

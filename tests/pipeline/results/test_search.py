@@ -13,7 +13,7 @@ from ebseg.predictor import Segmenter
 from ebseg.proposals import branch_logits
 from ebseg.vocab import Vocabulary
 from ebseg.zoo import SegmenterSettings, load_model
-from pipeline.results.search import TextScorer, grid_masks, load_text_tower, region_mask
+from pipeline.results.search import TextScorer, load_text_tower, region_mask
 
 NAMES = list(SHAPES_CLASSES)
 LEFT_OUT = ("yellow star", "cyan cross")
@@ -95,7 +95,7 @@ def test_region_mask_at_grid_size_is_the_grid_region(shapes_run, tower):
     p = proposals[0]
     region = TextScorer(tower).best_region(p, "yellow star")
     assert region is not None
-    grid = grid_masks(p)[region.query].numpy()
+    grid = p.regions()[region.query].numpy()
     np.testing.assert_array_equal(region.mask, grid)
     h, w = p.input_size
     # At the input size each pixel reads the logits of its grid cell's neighbourhood: nearly the same region.
@@ -108,7 +108,7 @@ def test_min_area_excludes_small_regions(shapes_run, tower):
     _, _, proposals = shapes_run
     scorer = TextScorer(tower, ["background"])
     p = proposals[1]
-    areas = grid_masks(p).flatten(1).float().mean(1)
+    areas = p.regions().flatten(1).float().mean(1)
     largest = float(areas.max())
     region = scorer.best_region(p, "cyan cross", min_area=largest)
     assert region is not None and region.area == pytest.approx(largest)

@@ -1,0 +1,105 @@
+"""An output labelled with ``--proposals``: the ``proposals`` view, ``LabelOutput.search`` for class names
+the labelling vocabulary left out, and ``show`` drawing a text's region."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ebseg.data.shapes import SHAPES_CLASSES, generate
+from pipeline.label.job import LabelJob
+from pipeline.label.proposal_records import NoProposalsError
+from pipeline.label.run import run as label
+from pipeline.results.query import open_output
+from pipeline.results.show import render_overlay
+
+NAMES = list(SHAPES_CLASSES)
+LEFT_OUT = ("yellow star", "cyan cross")
+COUNT = 20
+
+
+@pytest.fixture(scope="module")
+def searchable(ray_local, tmp_path_factory):
+    """20 shapes images labelled by demo without LEFT_OUT, proposals stored (default encoding); the
+    ground truth: image file name -> classes present."""
+    root = tmp_path_factory.mktemp("searchable")
+    (root / "in").mkdir()
+    truth = {}
+    for i in range(COUNT):
+        image, labels = generate(i, seed=5, size=(128, 112 + 8 * (i % 4)))
+        Image.fromarray(image).save(root / "in" / f"{i:03d}.png")
+        truth[f"{i:03d}.png"] = {NAMES[k] for k in np.unique(labels)}
+    out = str(root / "out")
+    kept = ",".join(n for n in NAMES if n not in LEFT_OUT)
+    label(LabelJob(input=str(root / "in"), output=out, vocabulary=kept, proposals=True, progress=False))
+    plain = str(root / "plain")
+    label(LabelJob(input=str(root / "in"), output=plain, vocabulary=kept, progress=False))
+    return out, plain, truth
+
+
+def file_name(source_uri: str) -> str:
+    return source_uri.rsplit("/", 1)[-1]
+
+
+def test_proposals_view_has_a_row_per_image_and_query_with_usable_embeddings(searchable):
+    out, _, _ = searchable
+    with open_output(out) as output:
+        assert output.has_proposals
+        rows = output.sql(
+            "SELECT count(*) AS n, count(DISTINCT image_id) AS images, max(query) + 1 AS q, "
+            "min(area) AS lo, max(area) AS hi, min(len(emb_d)) AS d FROM proposals"
+        ).to_pylist()[0]
+        assert rows["images"] == COUNT and rows["n"] == COUNT * rows["q"]
+        assert 0.0 <= rows["lo"] <= rows["hi"] <= 1.0 and rows["hi"] > 0
+        # DuckDB's list functions work on the embeddings as they come (FLOAT[]).
+        sims = output.sql("SELECT list_cosine_similarity(emb_d, emb_d) AS s FROM proposals WHERE area > 0")
+        assert np.allclose(sims.column("s").to_numpy(), 1.0, atol=1e-3)
+        boxes = output.sql("SELECT bbox, width, height FROM proposals WHERE area > 0").to_pylist()
+        for row in boxes:
+            x, y, w, h = row["bbox"]
+            assert 0 <= x < x + w <= row["width"] and 0 <= y < y + h <= row["height"]
+
+
+@pytest.mark.parametrize("text", LEFT_OUT)
+def test_search_ranks_images_holding_a_left_out_class_first(searchable, text):
+    out, _, truth = searchable
+    assert 0 < sum(text in classes for classes in truth.values()) < COUNT
+    with open_output(out) as output:
+        assert not output.sql("SELECT * FROM segments WHERE label = $1", [text]).num_rows
+        found = output.search(text, limit=5, format="arrow").to_pylist()
+        everything = output.search(text, limit=None, format="arrow").to_pylist()
+    assert len(found) == 5 and len(everything) == COUNT
+    assert [r["image_id"] for r in everything[:5]] == [r["image_id"] for r in found]
+    assert [r["score"] for r in everything] == sorted((r["score"] for r in everything), reverse=True)
+    precision = np.mean([text in truth[file_name(r["source_uri"])] for r in found])
+    assert precision >= 0.8, found
+    for r in found:
+        assert 0 < r["area"] <= 1 and 0 <= r["score"] <= 1 and len(r["bbox"]) == 4
+
+
+def test_min_area_drops_small_regions(searchable):
+    out, _, _ = searchable
+    with open_output(out) as output:
+        large = output.search("cyan cross", min_area=0.2, limit=None, format="arrow").to_pylist()
+        assert all(r["area"] >= 0.2 for r in large)
+        assert not output.search("cyan cross", min_area=1.0, limit=None, format="arrow").num_rows
+
+
+def test_show_draws_the_region_of_a_text(searchable, tmp_path):
+    out, _, _ = searchable
+    with open_output(out) as output:
+        best = output.search("yellow star", limit=1, format="arrow").to_pylist()[0]
+    drawn = render_overlay(out, best["image_id"], str(tmp_path / "star.png"), text="yellow star")
+    assert drawn["classes"] == ["yellow star"] and drawn["score"] == pytest.approx(best["score"])
+    assert 0 < drawn["area"] <= 1
+    picture = np.asarray(Image.open(tmp_path / "star.png").convert("RGB"))
+    assert picture.shape[0] == drawn["canvas"][1] and picture.shape[1] == drawn["canvas"][0]
+
+
+def test_an_output_without_proposals_is_refused_with_the_flag_named(searchable):
+    _, plain, _ = searchable
+    with open_output(plain) as output:
+        assert not output.has_proposals
+        with pytest.raises(NoProposalsError, match="--proposals"):
+            output.search("yellow star")
