@@ -168,14 +168,17 @@ def run_relabel(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.label.plan import OutputMismatchError
     from pipeline.label.proposal_records import NoProposalsError
     from pipeline.label.run import IncompleteRunError
+    from pipeline.lease import LeaseHeldError, LeaseLostError
     from pipeline.relabel.plan import ModelMismatchError
     from pipeline.relabel.run import run
 
     job = spec.to_job()
     try:
-        with _ray(args):
-            summary = run(job)
-    except (IncompleteRunError, OutputMismatchError, NoProposalsError, ModelMismatchError) as e:
+        summary = run(job, connect=lambda: _ray(args))
+    except (
+        IncompleteRunError, OutputMismatchError, NoProposalsError, ModelMismatchError, LeaseHeldError,
+        LeaseLostError,
+    ) as e:  # fmt: skip
         raise CommandError(str(e)) from e
     if not args.json:
         print(

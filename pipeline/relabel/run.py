@@ -14,8 +14,10 @@ a rerun skips committed shards and deletes orphans, and a rerun of another job i
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -31,6 +33,7 @@ from pipeline.label.progress import Progress
 from pipeline.label.records import Provenance
 from pipeline.label.run import IncompleteRunError, summarize
 from pipeline.layout import SUMMARY_FILE, committed_shards
+from pipeline.lease import Lease, acquire
 from pipeline.relabel.job import RelabelJob
 from pipeline.relabel.plan import (
     IDENTITY_FIELDS,
@@ -78,11 +81,18 @@ def build_relabel_dataset(
         )
 
 
-def run(job: RelabelJob, *, stage_cls: type[RelabelShards] = RelabelShards) -> dict[str, Any]:
+def run(
+    job: RelabelJob,
+    *,
+    stage_cls: type[RelabelShards] = RelabelShards,
+    connect: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, Any]:
     """Relabel every committed shard of ``job.source`` not yet committed under ``job.output``; the summary.
 
     Raises NoProposalsError (``pipeline.label.proposal_records``) / ModelMismatchError
-    (``pipeline.relabel.plan``) before anything is written.
+    (``pipeline.relabel.plan``) before anything is written, LeaseHeldError while another run holds the
+    output (``pipeline.lease``, as labelling). Ray starts only once there is work: ``connect()`` (the
+    CLI's Ray session) when given, else ``pipeline.cluster.ensure_ray``.
     stage_cls: the stage's class (tests pass subclasses that slow it down).
     """
     start = time.monotonic()
@@ -90,6 +100,28 @@ def run(job: RelabelJob, *, stage_cls: type[RelabelShards] = RelabelShards) -> d
     if canonical_uri(job.output, job.storage_options) == plan.source:
         raise OutputMismatchError(f"{plan.source} is the source: relabel into a new output")
     fs, root = storage.url_to_fs(job.output, job.storage_options)
+    with acquire(fs, root, run_id=plan.run_id, kind="relabel") as held, contextlib.ExitStack() as session:
+
+        def start_ray() -> None:
+            if connect is None:
+                ensure_ray()
+            else:
+                session.enter_context(connect())
+
+        return _relabel(job, plan, fs, root, start=start, held=held, start_ray=start_ray, stage_cls=stage_cls)
+
+
+def _relabel(
+    job: RelabelJob,
+    plan,
+    fs,
+    root: str,
+    *,
+    start: float,
+    held: Lease,
+    start_ray: Callable[[], None],
+    stage_cls: type[RelabelShards],
+) -> dict[str, Any]:
     record = job_record(job, plan)
     claim_output(
         fs,
@@ -114,9 +146,10 @@ def run(job: RelabelJob, *, stage_cls: type[RelabelShards] = RelabelShards) -> d
         expected_shards=[s.shard_id for s in todo],
         manifest_fields=fields,
         on_commit=lambda manifest: progress.update(shards=1),
+        guard=held.check,  # a run that lost the output's lease commits nothing more
     ) as committer:
         if todo:
-            ensure_ray()
+            start_ray()
             for parts in build_relabel_dataset(job, todo, plan, stage_cls=stage_cls).iter_batches(
                 batch_size=None, batch_format="pyarrow"
             ):
@@ -130,6 +163,7 @@ def run(job: RelabelJob, *, stage_cls: type[RelabelShards] = RelabelShards) -> d
         record=record, shards=len(shards), skipped=len(shards) - len(todo), report=report, seconds=seconds
     )
     summary["source"], summary["source_run_id"] = plan.source, record["source_run_id"]
+    held.check()  # only the lease's holder marks the output finished
     storage.write_json_atomic(fs, storage.join(root, SUMMARY_FILE), summary)
     if report.incomplete:
         raise IncompleteRunError(

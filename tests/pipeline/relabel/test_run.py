@@ -20,6 +20,7 @@ from pipeline.label.job import LabelJob
 from pipeline.label.plan import OutputMismatchError
 from pipeline.label.proposal_records import NoProposalsError
 from pipeline.label.run import run as label
+from pipeline.lease import LeaseHeldError, acquire
 from pipeline.relabel.job import RelabelJob
 from pipeline.relabel.plan import ModelMismatchError
 from pipeline.relabel.run import run as relabel
@@ -171,6 +172,15 @@ def test_relabel_is_refused_without_proposals_or_with_another_model(ray_local, t
         relabel(RelabelJob(source=stored, output=new, vocabulary="sky,tree"))
     with pytest.raises(OutputMismatchError, match="is the source"):
         relabel(RelabelJob(source=stored, output=stored, vocabulary="sky,tree"))
+    # One run at a time per output, relabelling as labelling: a live lease refuses, naming its holder.
+    fs, root = storage.url_to_fs(new)
+    with (
+        acquire(fs, root, run_id="run-elsewhere", kind="label"),
+        pytest.raises(LeaseHeldError, match="run-elsewhere"),
+    ):
+        relabel(RelabelJob(source=stored, output=new, vocabulary="sky,grass", progress=False))
+    again = relabel(RelabelJob(source=stored, output=new, vocabulary="sky,grass", progress=False))
+    assert again["shards_skipped"] == again["shards_total"] and not fs.ls(storage.join(root, "_lease"))
 
 
 def test_grid_labels_are_enlarged_by_nearest_neighbour():
