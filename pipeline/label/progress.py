@@ -25,7 +25,7 @@ class Progress:
         enabled: bool = True,
         listing_complete: bool = True,
     ):
-        self.stream = stream if stream is not None else sys.stderr
+        self._stream = stream
         self.total_shards = total_shards
         self.skipped_shards = skipped_shards
         self.enabled = enabled
@@ -38,6 +38,12 @@ class Progress:
         self.shards = 0
         self.images = 0
         self.listing_complete = listing_complete  # False while a streaming listing may add shards
+
+    @property
+    def stream(self) -> TextIO:
+        # sys.stderr when each line is written, not when the run began: the CLI points sys.stderr at the
+        # console again once Ray has started and taken file descriptor 2 for its log file.
+        return self._stream if self._stream is not None else sys.stderr
 
     def listed(self, total_shards: int, skipped_shards: int, *, complete: bool) -> None:
         """The listing so far: ``total_shards`` found, ``skipped_shards`` of them already committed;

@@ -46,3 +46,15 @@ def test_classifier_appends_the_scaled_background_row(text):
     assert rows.shape == (4, text.embed_dim)
     torch.testing.assert_close(rows.norm(dim=-1), scale.expand(4))
     torch.testing.assert_close(rows[-1] / scale, torch.nn.functional.normalize(text.bg_embed[0], dim=-1))
+
+
+def test_overlong_names_agree_with_tokenizing_every_prompt():
+    from open_clip.tokenizer import _tokenizer
+
+    from ebseg.modeling.text_classifier import VILD_TEMPLATES, overlong_names
+
+    # Names around the limit, some ending in punctuation that merges with a template's ".".
+    names = [" ".join(["word"] * k) + end for k in range(58, 70) for end in ("", ".", "!?", "-x")] + ["cat"]
+    brute = [n for n in names if any(len(_tokenizer.encode(t.format(n))) > 75 for t in VILD_TEMPLATES)]
+    assert overlong_names(names, context_length=77) == brute
+    assert brute and "cat" not in brute and len(brute) < len(names)
