@@ -11,9 +11,9 @@ from pipeline.storage import redact
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 # Errors a user can act on: printed as one line, no traceback.
-JOB_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError, PermissionError, ConnectionError, ValueError, KeyError
-)  # fmt: skip
+# OSError covers missing files, permissions, connections and a disk that fills mid-run ("No space left on
+# device"): what was committed stays, and a rerun finishes the job.
+JOB_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError)
 
 
 class CommandError(RuntimeError):

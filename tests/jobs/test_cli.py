@@ -381,3 +381,20 @@ def test_dry_run_describes_the_plan_against_the_output(labelled, shapes, capsys)
     printed = capsys.readouterr().out
     assert "# found: 3 shards, 8 images" in printed and "# would run: 3 shards" in printed
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing written
+
+
+def test_a_disk_filling_mid_run_is_one_line_and_exit_1(shapes, tmp_path, monkeypatch, capsys):
+    """What the labelling raises when the output's disk fills (``OSError`` ENOSPC, see
+    ``tests/pipeline/label/test_faults.py`` for what stays committed) reaches the user as one line."""
+    import errno
+
+    import pipeline.label.run
+
+    def full(job, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "_manifest" / "x.json"))
+
+    monkeypatch.setattr(pipeline.label.run, "run", full)
+    assert main(["label", str(shapes / "images"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ebseg: error: OSError:") and "No space left on device" in err[-1]
+    assert not any("Traceback" in line for line in err)
