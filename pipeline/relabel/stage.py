@@ -80,8 +80,8 @@ class RelabelShards:
         ]
         return pa.concat_tables(parts)
 
-    def _read(self, fs, root: str, names: list[str]) -> list[pa.Table]:
-        return [pq.read_table(storage.join(root, name), filesystem=fs) for name in names]
+    def _read(self, fs, root: str, names: list[str], columns: list[str] | None = None) -> list[pa.Table]:
+        return [pq.read_table(storage.join(root, name), filesystem=fs, columns=columns) for name in names]
 
     def label(self, proposals: Proposals, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """One image's (int32 [H, W] label map, [K] scores) at its original ``size``."""
@@ -96,7 +96,8 @@ class RelabelShards:
     def relabel(self, shard_id: str, rows: int, images: list[str], proposals: list[str]) -> pa.Table:
         """Relabel one source shard; returns the metadata rows of the parts written."""
         fs, root = storage.url_to_fs(self.source, self.storage_options)
-        records = pa.concat_tables([t.select(KEPT) for t in self._read(fs, root, images)])
+        # The source's label maps and segments are not read: only identity, size and status carry over.
+        records = pa.concat_tables(self._read(fs, root, images, list(KEPT)))
         if records.num_rows != rows:
             raise ValueError(
                 f"source shard {shard_id}: manifest says {rows} rows, parts hold {records.num_rows}"
