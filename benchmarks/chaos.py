@@ -92,8 +92,13 @@ class Cluster:
 
         from pipeline.cluster import ensure_ray
 
-        ensure_ray(num_cpus=cpus, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
-                   runtime_env={"env_vars": env})  # fmt: skip
+        ensure_ray(
+            num_cpus=cpus,
+            include_dashboard=True,
+            dashboard_port=free_port(),
+            log_to_driver=False,
+            runtime_env={"env_vars": env},
+        )
         # The state API finds the dashboard (started here for it) from the cluster's address.
         self.address = ray.get_runtime_context().gcs_address
 
@@ -135,9 +140,7 @@ def committed(fs, out: str) -> int:
         return 0
 
 
-def one_round(
-    index: int, *, args, cluster: Cluster, rng: random.Random, spec: dict, env: dict, fs, log
-) -> dict:
+def one_round(index: int, *, cluster: Cluster, rng: random.Random, spec: dict, env: dict, fs, log) -> dict:
     """Run the job into a fresh output until it completes, killing as described; the kills done."""
     out = f"{BUCKET}/round-{index:02d}"
     spec = {**spec, "output": f"s3://{out}"}
@@ -252,7 +255,6 @@ def main(argv=None) -> dict:
                 t0 = time.monotonic()
                 done = one_round(
                     index,
-                    args=args,
                     cluster=cluster,
                     rng=rng,
                     spec=spec,

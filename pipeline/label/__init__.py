@@ -6,4 +6,5 @@ listing.py    input URIs -> shards (files, tar, Parquet)      reading.py   a sha
 decode.py     bytes -> RGB arrays at the model's scale         segment.py   the model stage (actors)
 records.py    predictions -> ``images`` records               commit.py    records -> committed shards
 progress.py   the progress line                               run.py       the Ray Data graph; ``run``
+diehook.py    a test hook: ``EBSEG_TEST_DIE_AT`` kills the process at a step of the commit
 """
