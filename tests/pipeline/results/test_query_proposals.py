@@ -53,8 +53,14 @@ def test_proposals_view_has_a_row_per_image_and_query_with_usable_embeddings(sea
         assert rows["images"] == COUNT and rows["n"] == COUNT * rows["q"]
         assert 0.0 <= rows["lo"] <= rows["hi"] <= 1.0 and rows["hi"] > 0
         # DuckDB's list functions work on the embeddings as they come (FLOAT[]).
-        sims = output.sql("SELECT list_cosine_similarity(emb_d, emb_d) AS s FROM proposals WHERE area > 0")
+        # (B is a unit vector for every query; D is zero for a region too small for CLIP's feature grid.)
+        sims = output.sql("SELECT list_cosine_similarity(emb_b, emb_b) AS s FROM proposals")
         assert np.allclose(sims.column("s").to_numpy(), 1.0, atol=1e-3)
+        top = output.sql(
+            "SELECT image_id, query FROM proposals ORDER BY list_cosine_similarity(emb_b, $1) DESC LIMIT 3",
+            [output.sql("SELECT emb_b FROM proposals LIMIT 1").column(0)[0].as_py()],
+        )
+        assert top.num_rows == 3
         boxes = output.sql("SELECT bbox, width, height FROM proposals WHERE area > 0").to_pylist()
         for row in boxes:
             x, y, w, h = row["bbox"]
