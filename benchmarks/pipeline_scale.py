@@ -104,14 +104,8 @@ def simulated_stage(images_per_s: float) -> type[SegmentImages]:
     """The model stage with a simulated accelerator (a class made here, so Ray ships it by value)."""
 
     class SimulatedSegmentImages(SegmentImages):
-        def __init__(self, settings, *, write_with=None, decode=None):  # no model is loaded
-            self.vocabulary = settings.vocabulary
-            self.batch_size = settings.batch_size
-            self.segmenter = SimulatedSegmenter(len(self.vocabulary), images_per_s)
-            self.dtype = np.uint8
-            self.write_with = write_with
-            self.decode = decode
-            self.forwards = 0
+        def load_segmenter(self, settings):  # no model is loaded
+            return SimulatedSegmenter(len(settings.vocabulary), images_per_s)
 
     return SimulatedSegmentImages
 

@@ -74,7 +74,7 @@ class SegmentImages:
         decode: DecodeImages | None = None,
         proposals_encoding: tuple[str, str] | None = None,
     ):
-        self.segmenter = settings.load()
+        self.segmenter = self.load_segmenter(settings)
         self.proposals_encoding = proposals_encoding
         self.vocabulary = settings.vocabulary
         self.batch_size = settings.batch_size
@@ -82,6 +82,10 @@ class SegmentImages:
         self.write_with = write_with
         self.decode = decode
         self.forwards = 0  # forward passes run by _predict, counted for the effective batch size
+
+    def load_segmenter(self, settings: SegmenterSettings):
+        """The actor's ``Segmenter`` (a benchmark's subclass returns a simulated one instead)."""
+        return settings.load()
 
     def batches(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
         """Indices into ``sizes`` (original (height, width)) cut into model batches: equal padded shape,
