@@ -19,8 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Corner offsets (dx, dy) of the four bilinear taps, in the order the weights below are built.
-_CORNERS = ((0, 0), (1, 0), (0, 1), (1, 1))
+# The two taps of one axis, lower then upper neighbour: tap t has weight (1 - t) + (2t - 1) * frac, that is
+# 1 - frac and frac, both exact in one addcmul.
+_TAPS = (0.0, 1.0)
+
+
+def _axis_taps(pixel: torch.Tensor, extent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bilinear taps of every sample along one axis.
+
+    pixel: [..., L, P] coordinates in pixels of each level (centres at i + 0.5, already shifted by -0.5);
+    extent: [L, 1] the level's size along the axis.
+    Returns (weights, taps), each [..., L, P, 2]: the bilinear weight, 0 where the tap is off the map, and
+    the tap's integer-valued coordinate, 0 where it is off the map (so it stays a valid row).
+    """
+    corner0 = pixel.floor()
+    frac = (pixel - corner0).unsqueeze(-1)
+    t = pixel.new_tensor(_TAPS)
+    taps = corner0.unsqueeze(-1) + t
+    inside = (taps >= 0) & (taps < extent.unsqueeze(-1))
+    return torch.addcmul(1 - t, 2 * t - 1, frac) * inside, taps * inside
 
 
 def ms_deform_attn(
@@ -50,29 +67,30 @@ def ms_deform_attn(
     out_dtype = value.dtype
     device = value.device
     with torch.autocast(device_type=device.type, enabled=False):
-        # Per level, shaped to broadcast against [B, Lq, heads, L, P, corner, (x, y)].
-        size = torch.tensor([(w, h) for h, w in shapes], device=device, dtype=torch.float32)[:, None, None]
+        # The four corners of a sample are the outer product of two taps along x and two along y, so the
+        # weights and rows are built per axis ([..., 2]) and combined once ([..., 2, 2]), y major, x minor.
+        heights = torch.tensor([h for h, _ in shapes], device=device, dtype=torch.float32)[:, None]
+        widths = torch.tensor([w for _, w in shapes], device=device, dtype=torch.float32)[:, None]
         starts = [0]
         for h, w in shapes[:-1]:
             starts.append(starts[-1] + h * w)
         starts = torch.tensor(starts, device=device, dtype=torch.float32)[:, None, None]
-        pixel = sampling_locations.float() * size[..., 0, :] - 0.5  # pixel i has its centre at i + 0.5
-        corner0 = pixel.floor()
-        frac = (pixel - corner0).unsqueeze(-2)  # [..., 1, 2]
-        offsets = torch.tensor(_CORNERS, device=device, dtype=torch.float32)  # [4, 2]
-        taps = corner0.unsqueeze(-2) + offsets  # [..., 4, 2] integer-valued pixel coordinates
-        # Per axis the tap weight is 1 - frac for the lower corner and frac for the upper one.
-        axis_weights = torch.addcmul(1 - offsets, 2 * offsets - 1, frac)
-        inside = ((taps >= 0) & (taps < size)).all(-1)  # [..., 4]; a tap off the map reads zero
-        tap_weights = axis_weights.prod(-1) * inside * attention_weights.float().unsqueeze(-1)
-        # Row of (batch, position, head) in value viewed as [B * Lv * heads, hd]. Rows are exact in float32
-        # below 2^24 (B * Lv * heads: B <= 250 at 640x640); clamping keeps taps off the map in range.
-        position = starts + (taps[..., 1] * size[..., 0] + taps[..., 0]) * inside
+        locations = sampling_locations.float()
+        # Pixel i has its centre at i + 0.5.
+        wx, tx = _axis_taps(locations[..., 0] * widths - 0.5, widths)
+        wy, ty = _axis_taps(locations[..., 1] * heights - 0.5, heights)
+        wy = wy * attention_weights.float().unsqueeze(-1)
+        tap_weights = wy.unsqueeze(-1) * wx.unsqueeze(-2)  # [B, Lq, heads, L, P, 2 (y), 2 (x)]
+        # Row of (batch, position, head) in value viewed as [B * Lv * heads, hd]:
+        # ((b * Lv + start_l + y * W_l) * heads + head) + x * heads. Integer-valued, so exact in float32
+        # below 2^24 (B * Lv * heads: B <= 250 at 640x640), and int32 for the gather.
         base = (torch.arange(b, device=device, dtype=torch.float32) * lv)[:, None, None, None, None, None]
         head = torch.arange(heads, device=device, dtype=torch.float32)[:, None, None, None]
-        rows = ((base + position) * heads + head).long()
+        first = (base + starts) * heads + head  # [B, 1, heads, L, 1, 1]
+        rows_y = torch.addcmul(first, ty, (widths * heads).unsqueeze(-1)).int()
+        rows = rows_y.unsqueeze(-1) + (tx * heads).int().unsqueeze(-2)
         # One bag per (batch, query, head): its L * P * 4 taps, ordered as the output's rows.
-        per_bag = num_levels * num_points * len(_CORNERS)
+        per_bag = num_levels * num_points * 4
         table = value.float().reshape(b * lv * heads, hd)
         out = F.embedding_bag(
             rows.reshape(-1, per_bag), table, per_sample_weights=tap_weights.reshape(-1, per_bag), mode="sum"

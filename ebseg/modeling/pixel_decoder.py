@@ -19,6 +19,9 @@ from ebseg.modeling.ms_deform_attn import MSDeformAttn
 
 # Encoder levels, coarsest first: the order of input_proj, level_embed and the returned multi-scale list.
 ENCODER_LEVELS = ("res5", "res4", "res3")
+# res2 arrives at stride 16 (SAM's tapped block as it is) and joins at stride 4: upsampled by this factor
+# after the 1x1 adapter (``ConvNorm.upsampled``) instead of before it.
+RES2_UPSAMPLING = 4
 
 
 class ConvNorm(nn.Conv2d):
@@ -40,7 +43,23 @@ class ConvNorm(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, Cin, H, W] -> [B, Cout, H, W]"""
-        x = self.norm(super().forward(x))
+        return self._finish(super().forward(x))
+
+    def upsampled(self, x: torch.Tensor, scale: int) -> torch.Tensor:
+        """``self(bilinear_upsample(x, scale))`` at a fraction of its cost, for a 1x1 conv.
+
+        x: [B, Cin, H, W] -> [B, Cout, scale * H, scale * W]. A bias-free 1x1 conv mixes channels per pixel
+        and bilinear upsampling mixes pixels per channel with weights summing to 1, so the two commute (up to
+        float rounding) and the conv runs on scale^2 fewer pixels, with Cout instead of Cin channels to
+        upsample. The norm does not commute (GroupNorm's statistics span the whole map): it runs after.
+        """
+        if self.kernel_size != (1, 1):
+            raise ValueError(f"only a 1x1 conv commutes with upsampling, not {self.kernel_size}")
+        x = F.interpolate(super().forward(x), scale_factor=scale, mode="bilinear")
+        return self._finish(x)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
         return x if self.activation is None else self.activation(x)
 
 
@@ -197,7 +216,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             c2_xavier_fill(conv)
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """features: res2..res5, [B, in_channels, H/s, W/s] for s = 4, 8, 16, 32, any float dtype.
+        """features: res2..res5, [B, in_channels, H/s, W/s] for s = 16, 8, 16, 32 (res2 comes at stride 16,
+        see ``RES2_UPSAMPLING``), any float dtype.
 
         Returns float32 ``mask_features`` [B, mask_dim, H/4, W/4] and ``multi_scale_features`` =
         [stride 32, stride 16, stride 8], each [B, conv_dim, H/s, W/s]. Runs in float32 with autocast off, as
@@ -217,7 +237,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 level.transpose(1, 2).reshape(b, -1, h, w)
                 for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
             ]
-            lateral = self.adapter_1(features["res2"].float())
+            lateral = self.adapter_1.upsampled(features["res2"].float(), RES2_UPSAMPLING)
             top_down = F.interpolate(out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             finest = self.layer_1(lateral + top_down)
             return self.mask_features(finest), out

@@ -5,7 +5,8 @@ embedding; the neck is dropped), so SAM weights load by name. The blocks run our
 (``sam_block``) rather than the library's: attention goes through ``scaled_dot_product_attention``, which
 picks fused kernels on CPU and GPU. The position embedding is resized to the real patch grid, so any input
 that is a multiple of the patch size works, and the outputs of the four global-attention blocks are
-resampled to strides 4, 8, 16 and 32 without any extra layer.
+resampled to strides 8, 16 and 32 without any extra layer; res2 stays at stride 16, since the pixel
+decoder's 1x1 adapter runs before its upsampling to stride 4 (``pixel_decoder.RES2_UPSAMPLING``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ebseg.config import SamConfig
 from ebseg.modeling.sam_block import sam_block
 
 LEVELS = ("res2", "res3", "res4", "res5")
-# Resampling of the tapped (stride-16) blocks to strides 4/8/16/32.
-SCALES = (4.0, 2.0, 1.0, 0.5)
+# Resampling of the tapped (stride-16) blocks to strides 16 (res2, upsampled by the pixel decoder)/8/16/32.
+SCALES = (1.0, 2.0, 1.0, 0.5)
 
 
 class SamEncoder(nn.Module):
@@ -40,7 +41,7 @@ class SamEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: [B, 3, H, W] SAM-normalised, H and W multiples of the patch size (16).
 
-        Returns res2..res5: [B, C, H/4, W/4], [B, C, H/8, W/8], [B, C, H/16, W/16], [B, C, H/32, W/32].
+        Returns res2..res5: [B, C, H/16, W/16], [B, C, H/8, W/8], [B, C, H/16, W/16], [B, C, H/32, W/32].
         """
         x = self.patch_embed(images)  # [B, h, w, C]
         h, w = x.shape[1:3]
@@ -55,7 +56,8 @@ class SamEncoder(nn.Module):
                 taps.append(x)
         out = {}
         for name, tap, scale in zip(LEVELS, taps, SCALES):
-            out[name] = F.interpolate(tap.permute(0, 3, 1, 2), scale_factor=scale, mode="bilinear")
+            tap = tap.permute(0, 3, 1, 2)
+            out[name] = tap if scale == 1.0 else F.interpolate(tap, scale_factor=scale, mode="bilinear")
         return out
 
 

@@ -49,7 +49,7 @@ def test_stage_shapes_and_dtypes(model):
             torch.testing.assert_close(plain.maps[i], feats.maps[i])
 
         sam = model.sam(sam_in)
-        for name, stride in zip(("res2", "res3", "res4", "res5"), (4, 8, 16, 32)):
+        for name, stride in zip(("res2", "res3", "res4", "res5"), (16, 8, 16, 32)):
             assert sam[name].shape == (2, cfg.sam.embed_dim, 256 // stride, 192 // stride)
             assert sam[name].dtype == torch.float32
 

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ebseg.config import PixelDecoderConfig, tiny
 from ebseg.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn
-from ebseg.modeling.pixel_decoder import MSDeformAttnPixelDecoder, build_pixel_decoder
+from ebseg.modeling.pixel_decoder import (
+    RES2_UPSAMPLING,
+    ConvNorm,
+    MSDeformAttnPixelDecoder,
+    build_pixel_decoder,
+)
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
 PREFIX = "sem_seg_head.pixel_decoder."
@@ -23,11 +29,12 @@ def build(config: PixelDecoderConfig, in_channels: int) -> MSDeformAttnPixelDeco
 
 
 def features(batch: int, channels: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random res2..res5 maps for a height x width image."""
+    """Random res2..res5 maps for a height x width image (res2 at stride 16, as the decoder takes it)."""
     gen = torch.Generator().manual_seed(seed)
+    strides = {"res2": 16, "res3": 8, "res4": 16, "res5": 32}
     return {
-        f"res{i}": torch.randn(batch, channels, height // 2**i, width // 2**i, generator=gen)
-        for i in range(2, 6)
+        name: torch.randn(batch, channels, height // s, width // s, generator=gen)
+        for name, s in strides.items()
     }
 
 
@@ -151,6 +158,33 @@ def test_tiny_pixel_decoder_shapes_non_square():
     expected = [(2, config.conv_dim, 4, 3), (2, config.conv_dim, 8, 6), (2, config.conv_dim, 16, 12)]
     assert [tuple(f.shape) for f in multi_scale] == expected
     assert all(torch.isfinite(f).all() for f in [mask_features, *multi_scale])
+
+
+def test_coarse_res2_equals_upsampling_it_first():
+    """The adapter on stride-16 res2, then upsampling, is the reference's adapter on res2 upsampled to
+    stride 4, to float32 rounding: the 1x1 conv commutes with bilinear upsampling, the GroupNorm runs after
+    both (its statistics would change if it ran on the coarse map: checked to fail below)."""
+    torch.manual_seed(0)
+    decoder = build(tiny().pixel_decoder, 64).eval()
+    with torch.no_grad():
+        for p in decoder.adapter_1.norm.parameters():  # non-trivial affine, so the order of ops shows
+            p.add_(torch.randn_like(p))
+    res2 = features(2, 64, 160, 96)["res2"] * 3 + 1  # non-centred input: GroupNorm statistics matter
+    with torch.no_grad():
+        got = decoder.adapter_1.upsampled(res2, RES2_UPSAMPLING)
+        fine = F.interpolate(res2, scale_factor=RES2_UPSAMPLING, mode="bilinear")
+        expected = decoder.adapter_1(fine)
+        norm_first = F.interpolate(decoder.adapter_1(res2), scale_factor=RES2_UPSAMPLING, mode="bilinear")
+    assert got.shape == expected.shape == (2, tiny().pixel_decoder.conv_dim, 40, 24)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5)
+    assert (norm_first - expected).abs().max() > 1e-2 * scale
+
+
+def test_upsampled_refuses_a_spatial_kernel():
+    conv = ConvNorm(4, 4, 3, norm=torch.nn.GroupNorm(2, 4))
+    with pytest.raises(ValueError, match="1x1"):
+        conv.upsampled(torch.zeros(1, 4, 2, 2), 2)
 
 
 def test_state_dict_matches_reference_layout():
