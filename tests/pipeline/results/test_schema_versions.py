@@ -13,7 +13,8 @@ from PIL import Image
 
 from ebseg.vocab import Vocabulary
 from pipeline import layout, storage
-from pipeline.label import records
+from pipeline.label import proposal_records, records
+from pipeline.label.proposal_records import PROPOSALS_SCHEMA
 from pipeline.label.records import Provenance
 from pipeline.results.export import export_coco
 from pipeline.results.query import open_output
@@ -70,7 +71,11 @@ def write_output(root, photos, version: int):
             name = f"images/{shard}/0000000-0000000-{i:016x}.parquet"
             files = [{"file": name, "rows": 1}]
             if version >= 3:  # an output with proposals: the readers of the images table skip them
-                files[0]["proposals"] = {"file": name.replace("images/", "proposals/", 1), "rows": 1}
+                proposals = name.replace("images/", "proposals/", 1)
+                files[0]["proposals"] = {"file": proposals, "rows": 0}
+                storage.write_bytes_atomic(
+                    fs, f"{path}/{proposals}", proposal_records.parquet_bytes(PROPOSALS_SCHEMA.empty_table())
+                )
             manifest = {"shard_id": shard, "files": files, "rows": 1, "schema_version": version}
         storage.write_bytes_atomic(fs, f"{path}/{name}", _parquet(rows, version))
         storage.write_json_atomic(fs, f"{path}/_manifest/{shard}.json", manifest)
@@ -88,6 +93,11 @@ def test_query_show_and_export_read_each_schema_version(version, photos, tmp_pat
         label_map = output.label_map(ids[0])
         assert label_map.shape == photos[0].shape[:2] and set(np.unique(label_map)) == {0, 1}
         assert output.images_with("grass", min_area_fraction=0.4) == sorted(ids)
+        if version >= 3:
+            assert (
+                output.has_proposals
+                and output.sql("SELECT count(*) FROM proposals").column(0)[0].as_py() == 0
+            )
     shown = render_overlay(out, ids[1], str(tmp_path / "shown.png"))
     assert (shown["height"], shown["width"]) == photos[1].shape[:2]
     export_coco(out, str(tmp_path / "coco"))
