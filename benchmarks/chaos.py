@@ -271,6 +271,8 @@ def main(argv=None) -> dict:
                 )
                 rounds.append({**done, **counts, "wall_s": round(time.monotonic() - t0, 2)})
                 report["rounds"] = index + 1
+                # One line per round on stderr: a long run shows how it goes, and a stopped one what it did.
+                print(f"chaos: {json.dumps(rounds[-1], default=str)}", file=sys.stderr, flush=True)
             report.update(
                 kills={k: kills[k] for k in KINDS},
                 s3_faults=proxy.faults(),
