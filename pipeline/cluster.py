@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -43,6 +43,24 @@ def ensure_ray(address: str | None = None, *, log_to_driver: bool = True, **loca
     # "local" always starts a new single-node Ray owned by this process (stopped when it exits).
     ray.init(address="local", log_to_driver=log_to_driver, **local_options)
     return "local"
+
+
+@contextlib.contextmanager
+def ray_on_demand(
+    connect: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> Iterator[Callable[[], None]]:
+    """A function that connects Ray the first time it is called, so a run starts Ray only once it has
+    work: ``connect()`` when given (the CLI's Ray session, left when the block ends), else ``ensure_ray``."""
+    with contextlib.ExitStack() as session:
+        started = False
+
+        def start() -> None:
+            nonlocal started
+            if not started:
+                session.enter_context(connect()) if connect is not None else ensure_ray()
+                started = True
+
+        yield start
 
 
 # Loggers through which Ray's Python code prints to the console (Ray Data adds its own console handler).

@@ -37,7 +37,7 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from ray.util.annotations import RayDeprecationWarning
 
 from pipeline import storage
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import ray_on_demand
 from pipeline.label import diehook
 from pipeline.label.commit import CommitReport, ShardCommitter, clean_after_interruption
 from pipeline.label.decode import DecodeImages
@@ -218,14 +218,7 @@ def run(
     start = time.monotonic()
     plan = preflight(job)
     fs, root = storage.url_to_fs(job.output, job.storage_options)
-    with acquire(fs, root, run_id=plan.run_id, kind="label") as held, contextlib.ExitStack() as ray_session:
-
-        def start_ray() -> None:
-            if connect is None:
-                ensure_ray()
-            else:
-                ray_session.enter_context(connect())
-
+    with acquire(fs, root, run_id=plan.run_id, kind="label") as held, ray_on_demand(connect) as start_ray:
         return _label(job, plan, fs, root, start=start, held=held, start_ray=start_ray, stage=model_stage_cls)
 
 
@@ -262,7 +255,6 @@ def _label(
     progress = Progress(total_shards=0, enabled=job.progress, listing_complete=False)
     fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
     shards = skipped = 0
-    ray_started = False
     with (
         _quiet_ray_data(job.progress),
         ShardCommitter(
@@ -282,9 +274,7 @@ def _label(
             progress.listed(shards, skipped, complete=len(wave) < WAVE_SHARDS)  # a short wave ends it
             if not todo:
                 continue
-            if not ray_started:
-                start_ray()
-                ray_started = True
+            start_ray()
             committer.expect(s.shard_id for s in todo)
             ds = build_label_dataset(job, todo, plan=plan, model_stage_cls=stage)
             for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

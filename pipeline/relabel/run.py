@@ -25,7 +25,7 @@ from ray.data import ActorPoolStrategy
 from ray.util.annotations import RayDeprecationWarning
 
 from pipeline import storage
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import ray_on_demand
 from pipeline.label.commit import ShardCommitter, clean_after_interruption
 from pipeline.label.parts import PartWriter
 from pipeline.label.plan import OutputMismatchError, canonical_uri, claim_output
@@ -100,14 +100,7 @@ def run(
     if canonical_uri(job.output, job.storage_options) == plan.source:
         raise OutputMismatchError(f"{plan.source} is the source: relabel into a new output")
     fs, root = storage.url_to_fs(job.output, job.storage_options)
-    with acquire(fs, root, run_id=plan.run_id, kind="relabel") as held, contextlib.ExitStack() as session:
-
-        def start_ray() -> None:
-            if connect is None:
-                ensure_ray()
-            else:
-                session.enter_context(connect())
-
+    with acquire(fs, root, run_id=plan.run_id, kind="relabel") as held, ray_on_demand(connect) as start_ray:
         return _relabel(job, plan, fs, root, start=start, held=held, start_ray=start_ray, stage_cls=stage_cls)
 
 
