@@ -5,10 +5,10 @@ The reference resizes the Q mask logits to the original size (bilinear, align_co
 the cost (about 53 GFLOP for a 640x480 image at K=847), yet only a few classes can win anywhere.
 
 ``semantic_labels`` gives the same label map and scores while computing, tile by tile, only the classes
-that can win a pixel of the tile: the weights are non-negative, so over a tile each class's ``sem`` lies
-between ``w[:, k] . min(sigmoid)`` and ``w[:, k] . max(sigmoid)`` (per query, over the tile's pixels), and a
-class whose upper bound is below another class's lower bound cannot win there. Tiles crossed by object
-boundaries keep many classes and are split in four until they keep few.
+that can win a pixel of the tile: over a tile each query's sigmoid lies between its min and max there, so
+the difference between a class's ``sem`` and the tile's leading class's is bounded above (``_can_win``),
+and a class whose bound is below zero cannot win there. Tiles crossed by object boundaries keep many
+classes and are split in four until they keep few.
 ``semantic_probabilities`` computes every class (the reference's ``sem_seg``), for callers that want it.
 Both go band by band, so memory stays bounded for large originals.
 """
@@ -24,8 +24,9 @@ BAND_ROWS = 64
 TILE = 32
 MIN_TILE = 8
 SPLIT_WORK = 4_000_000
-# A class is dropped from a tile only when its upper bound is below the best lower bound by this relative
-# margin: the bounds and the product are float32 sums of Q positive terms, each off by at most ~Q * 2**-24.
+# A class is dropped from a tile only when its bound on (its sum - the leader's) is below zero by this
+# margin relative to the leader's sum: bounds and products are float32 sums of Q terms, each off by at most
+# ~Q * 2**-24 of that scale.
 BOUND_MARGIN = 1e-4
 # CPU BLAS (MKL) sums a product with fewer than 4 output rows in another order, which changes the last bit;
 # with at least this many classes per tile (the first ones are added) the kept classes' values equal the
@@ -85,9 +86,28 @@ def _finish(labels: torch.Tensor, score_sum: torch.Tensor, num_classes: int):
 
 def _can_win(weights: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """low, high: [..., Q] smallest and largest sigmoid of each query over a tile -> [..., K] bool: the
-    classes whose largest possible sum reaches the best smallest one."""
-    lower, upper = low @ weights, high @ weights
-    return upper * (1 + BOUND_MARGIN) >= lower.amax(-1, keepdim=True) * (1 - BOUND_MARGIN)
+    classes that may reach the tile's leading class somewhere in the tile.
+
+    The bound is on differences: with d = w[:, k] - w[:, c] for a leading class c, at every pixel
+    sem[k] - sem[c] = sum_q d[q] * s[q] <= sum_q max(d[q] * low[q], d[q] * high[q]). Where the class
+    weights are flat (a random or weakly trained model) every class's own range [w . low, w . high] is
+    wide and overlaps the others', yet the differences are small and tightly bounded, so this keeps few
+    classes where bounding each class alone keeps all of them. Any leader gives a valid bound; the class
+    best at the tile's mid-range values is usually the one that wins there.
+    """
+    base = low @ weights  # [..., K]
+    lead = ((low + high) @ weights).argmax(-1, keepdim=True)  # [..., 1]
+    # sum_q max(d * low, d * high) = d . low + max(d, 0) . (high - low)
+    bound = base - base.gather(-1, lead)
+    spread, flat_lead = (high - low).reshape(-1, low.shape[-1]), lead.flatten()
+    extra = torch.empty_like(base).view(-1, weights.shape[1])
+    for c in flat_lead.unique().tolist():
+        tiles = (flat_lead == c).nonzero().flatten()
+        extra[tiles] = spread[tiles] @ (weights - weights[:, c : c + 1]).clamp(min=0)
+    bound += extra.view(bound.shape)
+    # The scale of the values compared: the leader's largest possible sum (positive weights).
+    scale = (high @ weights).gather(-1, lead)
+    return bound >= -BOUND_MARGIN * scale
 
 
 def _quarters(weights: torch.Tensor, tile: torch.Tensor) -> torch.Tensor:
