@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from ebseg.data.shapes import SHAPES_CLASSES, generate
 from ebseg.predictor import Segmenter
 from ebseg.proposals import Proposals
-from ebseg.zoo import load_model
-from pipeline.results.search import TextScorer, load_text_tower, region_mask
+from ebseg.zoo import load_model, load_text_tower
+from pipeline.results.search import TextScorer, region_mask
 
 
 def cosine_scores(scorer: TextScorer, proposals: Proposals, text: str) -> float:

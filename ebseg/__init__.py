@@ -20,7 +20,7 @@ __getattr__, __dir__ = lazy_exports(
         "EBSegConfig": "ebseg.config",
         "EBSeg": "ebseg.model",
         "EBSegOutput": "ebseg.model",
-        "Prediction": "ebseg.predictor",
+        "Prediction": "ebseg.labeller",
         "Segmenter": "ebseg.predictor",
         "Vocabulary": "ebseg.vocab",
         "build_ebseg": "ebseg.build",

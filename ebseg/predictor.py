@@ -1,8 +1,9 @@
 """``Segmenter``: uint8 RGB images of any size in, label maps at their original size out.
 
-It owns everything stateful around the pure model: the vocabulary's cached text embeddings, resizing,
-per-image padding, batching, device and autocast, and the post-processing of the reference (balancing of
-the three class sources, mask upsampling, crop, resize to the original size, semantic inference).
+It owns everything stateful around the pure model: resizing, per-image padding, batching, device and
+autocast; its ``Labeller`` (``ebseg.labeller``) holds the vocabulary's cached text embeddings and the
+post-processing of the reference (balancing of the three class sources, mask upsampling, crop, resize to
+the original size, semantic inference), so ``predict`` is ``label(propose(...))``.
 
 Each image is padded on its own to a multiple of 32 and only images of equal padded size share a batch,
 so an image's result does not depend on its batch neighbours (the reference pads a batch to its largest
@@ -14,34 +15,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ebseg.balance import balance_class_probs, class_weights
+from ebseg.labeller import Labeller, Prediction
 from ebseg.model import EBSeg
-from ebseg.postprocess import semantic_labels, semantic_probabilities
-from ebseg.proposals import Proposals, branch_logits
+from ebseg.proposals import Proposals
 from ebseg.resize import resize_image, resized_shape
 from ebseg.vocab import Vocabulary
-
-
-@dataclass
-class Prediction:
-    """One image's result.
-
-    label_map: [H, W] int32 class ids into the vocabulary, at the input image's size.
-    scores: [K] float32 mean probability of each class over the pixels labelled with it (0 if absent).
-    areas: [K] int64 pixel count of each class in ``label_map``.
-    probabilities: [K, H, W] float32 per-class map before the argmax (the reference's ``sem_seg``),
-    only when asked for.
-    """
-
-    label_map: np.ndarray
-    scores: np.ndarray
-    areas: np.ndarray
-    probabilities: np.ndarray | None = None
 
 
 def _check_image(image: object) -> None:
@@ -83,27 +65,20 @@ class Segmenter:
         self.max_long_side = max_long_side
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
-        self._text_cache: dict[str, torch.Tensor] = {}
-        self.vocabulary = vocabulary
+        # Everything after the forward pass that depends on the vocabulary.
+        self.labeller = Labeller(model.text, model.config.balance, vocabulary, device=self.device)
 
     @property
     def vocabulary(self) -> Vocabulary:
-        return self._vocabulary
+        return self.labeller.vocabulary
 
     @vocabulary.setter
     def vocabulary(self, vocabulary: Vocabulary | Sequence[str]) -> None:
-        if not isinstance(vocabulary, Vocabulary):
-            vocabulary = Vocabulary(list(vocabulary))
-        self._vocabulary = vocabulary
-        self._seen = torch.tensor(vocabulary.seen, dtype=torch.bool, device=self.device)
+        self.labeller.vocabulary = vocabulary
 
     def class_embeddings(self) -> torch.Tensor:
         """[K, D] text embeddings of the current vocabulary, computed once per vocabulary."""
-        key = self._vocabulary.id
-        if key not in self._text_cache:
-            with torch.inference_mode():
-                self._text_cache[key] = self.model.text.encode_names(self._vocabulary.names)
-        return self._text_cache[key]
+        return self.labeller.class_embeddings()
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -130,11 +105,6 @@ class Segmenter:
         """
         image = resize_image(image, self.input_shape(*original))
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # copies: inputs may be read-only
-
-    def _classifier(self) -> torch.Tensor:
-        """[K + 1, D] scaled text classifier of the current vocabulary (background last)."""
-        with torch.inference_mode():
-            return self.model.text.classifier(self.class_embeddings())
 
     def propose(
         self, images: Sequence[np.ndarray], *, output_sizes: Sequence[tuple[int, int]] | None = None
@@ -182,21 +152,9 @@ class Segmenter:
         *,
         return_probabilities: bool = False,
     ) -> list[Prediction]:
-        """Label each image's proposals with the current vocabulary at its (height, width) output size."""
-        if len(output_sizes) != len(proposals):
-            raise ValueError(f"{len(output_sizes)} output sizes for {len(proposals)} proposals")
-        classifier = self._classifier()
-        results = []
-        with torch.inference_mode():
-            for proposal, size in zip(proposals, output_sizes):
-                logits = branch_logits(proposal.embeddings.to(self.device), classifier)
-                probs = balance_class_probs(
-                    logits[0], logits[1], logits[2], self._seen, self.model.config.balance
-                )
-                masks = proposal.input_masks(device=self.device)
-                size = (int(size[0]), int(size[1]))
-                results.append(self._postprocess(class_weights(probs), masks, size, return_probabilities))
-        return results
+        """Label each image's proposals with the current vocabulary at its (height, width) output size
+        (``Labeller.label``)."""
+        return self.labeller.label(proposals, output_sizes, return_probabilities=return_probabilities)
 
     def _checked_sizes(
         self, images: Sequence[np.ndarray], output_sizes: Sequence[tuple[int, int]] | None
@@ -226,26 +184,3 @@ class Segmenter:
         output_sizes = self._checked_sizes(images, output_sizes)
         proposals = self._propose(images, output_sizes)
         return self.label(proposals, output_sizes, return_probabilities=return_probabilities)
-
-    def _postprocess(
-        self,
-        weights: torch.Tensor,
-        masks: torch.Tensor,
-        size: tuple[int, int],
-        return_probabilities: bool,
-    ) -> Prediction:
-        """weights: [Q, K]; masks: [Q, h, w] logits at the model's input size (unpadded).
-
-        The mask logits are resized to ``size`` before semantic inference, as the reference does
-        (``ebseg.postprocess``); the full [K, H, W] map is computed only when probabilities are asked for.
-        """
-        if return_probabilities:
-            labels, scores, areas, probabilities = semantic_probabilities(weights, masks, size)
-        else:
-            (labels, scores, areas), probabilities = semantic_labels(weights, masks, size), None
-        return Prediction(
-            label_map=labels.cpu().numpy(),
-            scores=scores.cpu().numpy(),
-            areas=areas.cpu().numpy().astype(np.int64),
-            probabilities=None if probabilities is None else probabilities.numpy(),
-        )

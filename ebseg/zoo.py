@@ -23,11 +23,18 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from ebseg.build import build_ebseg
-from ebseg.checkpoint import FORMAT, load, model_from_official, read_object, to_device
-from ebseg.config import ClipConfig, EBSegConfig, get_config
+from ebseg.build import build_ebseg, build_text_classifier
+from ebseg.checkpoint import FORMAT, load, load_checked, model_from_official, read_object, to_device
+from ebseg.config import BalanceConfig, ClipConfig, EBSegConfig, get_config
 from ebseg.downloads import HF_FILES, WeightsUnavailableError, official_file
-from ebseg.official import infer_official_preset, is_official_state_dict, unwrap_state_dict
+from ebseg.labeller import Labeller
+from ebseg.modeling.text_classifier import TextClassifier
+from ebseg.official import (
+    convert_official_state_dict,
+    infer_official_preset,
+    is_official_state_dict,
+    unwrap_state_dict,
+)
 from ebseg.precision import autocast_dtype
 from ebseg.predictor import Segmenter
 from ebseg.vocab import BENCHMARKS, Vocabulary
@@ -198,6 +205,16 @@ class SegmenterSettings:
     num_threads: int | None = None
     compile: bool = False
 
+    def load_labeller(self) -> Labeller:
+        """Only what labelling stored proposals needs: the text tower (``load_text_tower``, no image
+        towers) and the vocabulary, encoded now. The same embeddings as ``load().labeller``'s."""
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        tower = load_text_tower(self, map_location=self.device)
+        labeller = Labeller(tower.classifier, tower.balance, self.vocabulary, device=self.device)
+        labeller.class_embeddings()
+        return labeller
+
     def load(self) -> Segmenter:
         """The Segmenter, with the vocabulary encoded. Random-weight presets are built under ``RANDOM_SEED``:
         every worker and every resume has the same weights."""
@@ -216,3 +233,49 @@ class SegmenterSettings:
         )
         segmenter.class_embeddings()  # encode the vocabulary now, not inside the first batch's time
         return segmenter
+
+
+TEXT_PREFIX = "text."
+
+
+@dataclass
+class TextTower:
+    """What scoring a text needs from a model: its text classifier (frozen, eval mode) and its balancing."""
+
+    classifier: TextClassifier
+    balance: BalanceConfig
+    model: str  # the ``--model`` value it was loaded from
+
+
+def _checkpoint_text(uri: str, map_location) -> tuple[EBSegConfig, dict[str, torch.Tensor]]:
+    """The config and the text tower's entries (``text.`` removed) of an ebseg or official checkpoint."""
+    obj = read_object(uri, map_location)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        config, state = EBSegConfig.from_dict(obj["config"]), obj["state_dict"]
+    else:
+        official = unwrap_state_dict(obj)
+        config, state = get_config(infer_official_preset(official)), convert_official_state_dict(official)
+    text = {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    return config, text
+
+
+def load_text_tower(model: str | SegmenterSettings, *, map_location: str = "cpu") -> TextTower:
+    """The text tower of the model a ``--model`` value (or a worker's ``SegmenterSettings``) names.
+
+    Checkpoints (demo, base, large, paths) are read once and only the text tower is built; its entries
+    must fit exactly (``CheckpointMismatchError`` otherwise). ``tiny`` has random weights drawn while
+    building the whole model, so it is built whole (small) under ``RANDOM_SEED``, as workers build it.
+    """
+    spec = model.model if isinstance(model, SegmenterSettings) else model
+    if spec in RANDOM_PRESETS:
+        torch.manual_seed(RANDOM_SEED)
+        network = load_model(spec, map_location=map_location)
+        text, balance = network.text, network.config.balance
+    else:
+        uri = DEMO_WEIGHTS if spec == "demo" else official_file(spec) if spec in HF_FILES else spec
+        config, state = _checkpoint_text(uri, map_location)
+        text, balance = build_text_classifier(config.clip), config.balance
+        load_checked(text, state, text.state_dict(), strict=True, what=f"{uri} (text tower)")
+        text.to(map_location)
+    # Frozen as in EBSeg: attention takes another (bitwise different) path for parameters needing grads.
+    return TextTower(classifier=text.eval().requires_grad_(False), balance=balance, model=spec)

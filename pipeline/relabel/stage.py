@@ -1,11 +1,12 @@
 """The relabelling stage: one committed source shard in, its records under the new vocabulary written out.
 
 ``RelabelShards`` is a callable class for ``Dataset.map_batches`` on a CPU actor pool: each actor loads the
-source's model and encodes the new vocabulary once (``SegmenterSettings``), then for each source shard reads
-its images and proposals parts, labels every image from its proposals (``Segmenter.label``: dot products,
-balancing, semantic inference; no image is read and no forward pass runs) and writes the records with the
-labelling's own encoder and writer (``pipeline.label.records``, ``PartWriter``). It returns the part
-metadata rows the driver commits, exactly as the labelling's writer does. It runs without Ray too.
+source model's text tower alone and encodes the new vocabulary once (``SegmenterSettings.load_labeller``),
+then for each source shard reads its images and proposals parts, labels every image from its proposals
+(``Labeller.label``: dot products, balancing, semantic inference, the code a fresh labelling runs after
+its forward pass; no image is read, no image tower is built) and writes the records with the labelling's
+own encoder and writer (``pipeline.label.records``, ``PartWriter``). It returns the part metadata rows the
+driver commits, exactly as the labelling's writer does. It runs without Ray too.
 
 Error rows of the source stay error rows with their message; their ``row_index`` is their place in the
 shard, so the new output has the source's rows, each once.
@@ -59,7 +60,7 @@ class RelabelShards:
         resolution: str = "original",
         storage_options: Mapping[str, Any] | None = None,
     ):
-        self.segmenter = settings.load()
+        self.labeller = settings.load_labeller()
         self.num_classes = len(settings.vocabulary)
         self.dtype = np.uint8 if label_bits(self.num_classes) == 8 else np.uint16
         self.source = source
@@ -86,11 +87,11 @@ class RelabelShards:
     def label(self, proposals: Proposals, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """One image's (int32 [H, W] label map, [K] scores) at its original ``size``."""
         if self.resolution == "original":
-            prediction = self.segmenter.label([proposals], [size])[0]
+            prediction = self.labeller.label([proposals], [size])[0]
             return prediction.label_map, prediction.scores
         h, w = proposals.input_size
         grid = (max(1, math.ceil(h / 4)), max(1, math.ceil(w / 4)))
-        prediction = self.segmenter.label([proposals], [grid])[0]
+        prediction = self.labeller.label([proposals], [grid])[0]
         return enlarge(prediction.label_map, size), prediction.scores
 
     def relabel(self, shard_id: str, rows: int, images: list[str], proposals: list[str]) -> pa.Table:

@@ -235,7 +235,8 @@ class LabelOutput:
     def text_scorer(self):
         """The ``TextScorer`` of this output's model and vocabulary (loaded once; texts are cached)."""
         if self._scorer is None:
-            from pipeline.results.search import TextScorer, load_text_tower
+            from ebseg.zoo import load_text_tower
+            from pipeline.results.search import TextScorer
 
             self._scorer = TextScorer(load_text_tower(self.proposals_info.model), self.vocabulary)
         return self._scorer

@@ -8,76 +8,23 @@ fused probability of the text times 1 - p(background) of that query. A query's r
 (sigmoid > 0.5, i.e. logit > 0) on the grid; ``region_mask`` maps it to the original size with the same
 resizes labelling applies (``Proposals.input_masks``, ``ebseg.postprocess.resize_logits``).
 
-Only the text tower is needed: ``load_text_tower`` builds it alone and fills it from the checkpoint's
-``text.*`` entries (``tiny``, whose weights are random, is built whole under the seed every worker uses).
+Only the text tower is needed: ``ebseg.zoo.load_text_tower`` builds it alone from the checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ebseg.balance import balance_class_probs
-from ebseg.build import build_text_classifier
-from ebseg.checkpoint import FORMAT, load_checked, read_object
-from ebseg.config import BalanceConfig, EBSegConfig, get_config
-from ebseg.downloads import HF_FILES, official_file
-from ebseg.modeling.text_classifier import TextClassifier
-from ebseg.official import convert_official_state_dict, infer_official_preset, unwrap_state_dict
 from ebseg.postprocess import resize_logits
 from ebseg.proposals import Proposals, branch_logits
 from ebseg.seen import default_synonyms, seen_flags
 from ebseg.vocab import Vocabulary
-from ebseg.zoo import DEMO_WEIGHTS, RANDOM_PRESETS, RANDOM_SEED, SegmenterSettings, load_model
-
-TEXT_PREFIX = "text."
-
-
-@dataclass
-class TextTower:
-    """What scoring a text needs from a model: its text classifier (frozen, eval mode) and its balancing."""
-
-    classifier: TextClassifier
-    balance: BalanceConfig
-    model: str  # the ``--model`` value it was loaded from
-
-
-def _checkpoint_text(uri: str, map_location) -> tuple[EBSegConfig, dict[str, torch.Tensor]]:
-    """The config and the text tower's entries (``text.`` removed) of an ebseg or official checkpoint."""
-    obj = read_object(uri, map_location)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        config, state = EBSegConfig.from_dict(obj["config"]), obj["state_dict"]
-    else:
-        official = unwrap_state_dict(obj)
-        config, state = get_config(infer_official_preset(official)), convert_official_state_dict(official)
-    text = {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
-    return config, text
-
-
-def load_text_tower(model: str | SegmenterSettings, *, map_location: str = "cpu") -> TextTower:
-    """The text tower of the model a ``--model`` value (or a worker's ``SegmenterSettings``) names.
-
-    Checkpoints (demo, base, large, paths) are read once and only the text tower is built; its entries
-    must fit exactly (``CheckpointMismatchError`` otherwise). ``tiny`` has random weights drawn while
-    building the whole model, so it is built whole (small) under ``RANDOM_SEED``, as workers build it.
-    """
-    spec = model.model if isinstance(model, SegmenterSettings) else model
-    if spec in RANDOM_PRESETS:
-        torch.manual_seed(RANDOM_SEED)
-        network = load_model(spec, map_location=map_location)
-        text, balance = network.text, network.config.balance
-    else:
-        uri = DEMO_WEIGHTS if spec == "demo" else official_file(spec) if spec in HF_FILES else spec
-        config, state = _checkpoint_text(uri, map_location)
-        text, balance = build_text_classifier(config.clip), config.balance
-        load_checked(text, state, text.state_dict(), strict=True, what=f"{uri} (text tower)")
-        text.to(map_location)
-    # Frozen as in EBSeg: attention takes another (bitwise different) path for parameters needing grads.
-    return TextTower(classifier=text.eval().requires_grad_(False), balance=balance, model=spec)
+from ebseg.zoo import TextTower
 
 
 class Region(NamedTuple):

@@ -98,7 +98,7 @@ def model_outputs(spec: str, vocabulary: str, images: list[np.ndarray], monkeypa
     monkeypatch.setattr(model.text, "templates", model.text.templates[:1])
     segmenter = Segmenter(model, Vocabulary.from_benchmark(vocabulary), short_side=128, device="cpu")
     captured = []
-    monkeypatch.setattr(segmenter, "_postprocess", lambda *args: captured.append(args[:3]))
+    monkeypatch.setattr(segmenter.labeller, "_postprocess", lambda *args: captured.append(args[:3]))
     segmenter.predict(images)
     return captured
 

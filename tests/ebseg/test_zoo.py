@@ -100,3 +100,23 @@ def test_a_model_labels_with_the_vocabulary_it_carries(tmp_path):
     for info in (zoo.describe_model("base"), zoo.describe_model(save_tiny(tmp_path / "bare.pt"))):
         with pytest.raises(zoo.VocabularyRequiredError, match=r"--vocabulary .*ade150.*'cat,dog,tree'"):
             info.resolve_vocabulary(None)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "demo", "checkpoint"])
+def test_a_labeller_from_the_text_tower_alone_labels_as_the_whole_model(kind, photos, tmp_path):
+    """What relabelling workers load (``load_labeller``: the text tower, no image towers) gives the
+    whole model's class embeddings and labels, bit for bit, for random presets, the shipped model and a
+    checkpoint file."""
+    from ebseg.vocab import Vocabulary
+
+    spec = save_tiny(tmp_path / "tiny.pt", seed=3) if kind == "checkpoint" else kind
+    settings = zoo.SegmenterSettings(model=spec, vocabulary=Vocabulary.parse("person,cat,sky,coffee cup"))
+    segmenter = settings.load()
+    labeller = settings.load_labeller()
+    assert torch.equal(labeller.class_embeddings(), segmenter.class_embeddings())
+    image = photos[1][::4, ::4].copy()
+    proposals = segmenter.propose([image])
+    [fresh] = segmenter.label(proposals, [image.shape[:2]])
+    [again] = labeller.label(proposals, [image.shape[:2]])
+    assert (fresh.label_map == again.label_map).all()
+    assert (fresh.scores == again.scores).all()

@@ -12,8 +12,8 @@ from ebseg.data.shapes import SHAPES_CLASSES, generate
 from ebseg.predictor import Segmenter
 from ebseg.proposals import branch_logits
 from ebseg.vocab import Vocabulary
-from ebseg.zoo import SegmenterSettings, load_model
-from pipeline.results.search import TextScorer, load_text_tower, region_mask
+from ebseg.zoo import SegmenterSettings, load_model, load_text_tower
+from pipeline.results.search import TextScorer, region_mask
 
 NAMES = list(SHAPES_CLASSES)
 LEFT_OUT = ("yellow star", "cyan cross")
