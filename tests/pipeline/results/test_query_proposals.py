@@ -75,6 +75,13 @@ def test_search_ranks_images_holding_a_left_out_class_first(searchable, text):
         assert not output.sql("SELECT * FROM segments WHERE label = $1", [text]).num_rows
         found = output.search(text, limit=5, format="arrow").to_pylist()
         everything = output.search(text, limit=None, format="arrow").to_pylist()
+        # Each hit's area and box are its region's row in the proposals view.
+        for r in found:
+            [row] = output.sql(
+                'SELECT area, bbox FROM proposals WHERE image_id = $1 AND "query" = $2',
+                [r["image_id"], r["query"]],
+            ).to_pylist()
+            assert row["bbox"] == r["bbox"] and row["area"] == pytest.approx(r["area"])
     assert len(found) == 5 and len(everything) == COUNT
     assert [r["image_id"] for r in everything[:5]] == [r["image_id"] for r in found]
     assert [r["score"] for r in everything] == sorted((r["score"] for r in everything), reverse=True)
