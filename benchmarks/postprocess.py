@@ -48,10 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def capture(model, vocabulary: str, image: np.ndarray):
-    """(weights [Q, K], masks [Q, h, w], size) as ``Segmenter.predict`` hands them to ``_postprocess``."""
+    """(weights [Q, K], masks [Q, h, w], size) as ``Segmenter.predict`` hands them to its labeller's
+    ``_postprocess``."""
     segmenter = Segmenter(model, Vocabulary.from_benchmark(vocabulary), device="cpu")
     captured = []
-    segmenter._postprocess = lambda *args: captured.append(args[:3])
+    segmenter.labeller._postprocess = lambda *args: captured.append(args[:3])
     segmenter.predict([image])
     return captured[0]
 
