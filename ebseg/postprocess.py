@@ -95,8 +95,8 @@ def _can_win(weights: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> to
     classes where bounding each class alone keeps all of them. Any leader gives a valid bound; the class
     best at the tile's mid-range values is usually the one that wins there.
     """
-    base = low @ weights  # [..., K]
-    lead = ((low + high) @ weights).argmax(-1, keepdim=True)  # [..., 1]
+    base, top = torch.stack((low, high)) @ weights  # [..., K] each; one product: these are small
+    lead = (base + top).argmax(-1, keepdim=True)  # [..., 1]
     # sum_q max(d * low, d * high) = d . low + max(d, 0) . (high - low)
     bound = base - base.gather(-1, lead)
     spread, flat_lead = (high - low).reshape(-1, low.shape[-1]), lead.flatten()
@@ -106,7 +106,7 @@ def _can_win(weights: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> to
         extra[tiles] = spread[tiles] @ (weights - weights[:, c : c + 1]).clamp(min=0)
     bound += extra.view(bound.shape)
     # The scale of the values compared: the leader's largest possible sum (positive weights).
-    scale = (high @ weights).gather(-1, lead)
+    scale = top.gather(-1, lead)
     return bound >= -BOUND_MARGIN * scale
 
 
