@@ -52,7 +52,7 @@ def capture(model, vocabulary: str, image: np.ndarray):
     ``_postprocess``."""
     segmenter = Segmenter(model, Vocabulary.from_benchmark(vocabulary), device="cpu")
     captured = []
-    segmenter.labeller._postprocess = lambda *args: captured.append(args[:3])
+    segmenter.labeller._postprocess = lambda w, m, size, *_: captured.append((w, m.rows(0, m.shape[1]), size))
     segmenter.predict([image])
     return captured[0]
 

@@ -17,7 +17,7 @@ import torch
 from ebseg.balance import balance_class_probs, class_weights
 from ebseg.config import BalanceConfig
 from ebseg.modeling.text_classifier import TextClassifier
-from ebseg.postprocess import semantic_labels, semantic_probabilities
+from ebseg.postprocess import GridLogits, Masks, semantic_labels, semantic_probabilities
 from ebseg.proposals import Proposals, branch_logits
 from ebseg.vocab import Vocabulary
 
@@ -100,7 +100,8 @@ class Labeller:
             for proposal, size in zip(proposals, output_sizes):
                 logits = branch_logits(proposal.embeddings.to(self.device), classifier)
                 probs = balance_class_probs(logits[0], logits[1], logits[2], self._seen, self.balance)
-                masks = proposal.input_masks(device=self.device)
+                # Upsampled band by band inside semantic inference, never whole.
+                masks = GridLogits(proposal.masks.to(self.device), proposal.input_size)
                 size = (int(size[0]), int(size[1]))
                 results.append(self._postprocess(class_weights(probs), masks, size, return_probabilities))
         return results
@@ -108,11 +109,12 @@ class Labeller:
     def _postprocess(
         self,
         weights: torch.Tensor,
-        masks: torch.Tensor,
+        masks: Masks,
         size: tuple[int, int],
         return_probabilities: bool,
     ) -> Prediction:
-        """weights: [Q, K]; masks: [Q, h, w] logits at the model's input size (unpadded).
+        """weights: [Q, K]; masks: [Q, h, w] logits at the model's input size (unpadded), or the
+        ``GridLogits`` they are upsampled from.
 
         The mask logits are resized to ``size`` before semantic inference, as the reference does
         (``ebseg.postprocess``); the full [K, H, W] map is computed only when probabilities are asked for.

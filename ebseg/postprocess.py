@@ -16,6 +16,7 @@ Both go band by band, so memory stays bounded for large originals.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Output rows handled at once: bounds memory to about Q * BAND_ROWS * width floats whatever the image size.
 BAND_ROWS = 64
@@ -48,26 +49,63 @@ def bilinear_taps(n_in: int, n_out: int, device: torch.device):
     return lo, hi, 1 - w_hi, w_hi
 
 
-class _Resize:
-    """Band-wise bilinear resize of [Q, h, w] mask logits to (H, W)."""
+class GridLogits:
+    """Mask logits on the stride-4 grid of a padded model input, upsampled to the unpadded input on demand.
 
-    def __init__(self, masks: torch.Tensor, size: tuple[int, int]):
+    grid: [Q, gh, gw]; input_size: (h, w) <= (4 gh, 4 gw). ``rows(r0, r1)`` gives rows r0..r1 of the
+    [Q, h, w] logits the reference has (x4 bilinear upsampling of the whole grid, align_corners=False,
+    then the crop): a band and its halo are upsampled alone, which gives those rows bit for bit (x4 maps
+    output row i to grid row (i + 0.5) / 4 - 0.5, an exact float whatever the band's offset) while only a
+    band of the [Q, h, w] tensor is ever held, in cache.
+    """
+
+    def __init__(self, grid: torch.Tensor, input_size: tuple[int, int]):
+        self.grid = grid
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.shape = (grid.shape[0], *self.input_size)
+        self.device = grid.device
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """[Q, r1 - r0, w] logits of input rows r0..r1."""
+        grid_rows = self.grid.shape[1]
+        # Output row i reads grid rows floor((i + 0.5) / 4 - 0.5) and the next: one grid row of halo
+        # each side keeps the band's own clamping away from rows it returns.
+        g0, g1 = max(0, r0 // 4 - 1), min(grid_rows, (r1 - 1) // 4 + 2)
+        size = (4 * (g1 - g0), 4 * self.grid.shape[2])
+        band = F.interpolate(self.grid[None, :, g0:g1], size=size, mode="bilinear", align_corners=False)[0]
+        return band[:, r0 - 4 * g0 : r1 - 4 * g0, : self.input_size[1]]
+
+
+Masks = torch.Tensor | GridLogits
+
+
+class _Resize:
+    """Band-wise bilinear resize of [Q, h, w] mask logits (a tensor or ``GridLogits``) to (H, W)."""
+
+    def __init__(self, masks: Masks, size: tuple[int, int]):
         self.masks = masks
         self.same_size = tuple(masks.shape[1:]) == tuple(size)
         self.rows = bilinear_taps(masks.shape[1], size[0], masks.device)
         self.cols = bilinear_taps(masks.shape[2], size[1], masks.device)
 
+    def source(self, r0: int, r1: int) -> torch.Tensor:
+        if isinstance(self.masks, GridLogits):
+            return self.masks.rows(r0, r1)
+        return self.masks[:, r0:r1]
+
     def band(self, r0: int, r1: int) -> torch.Tensor:
         """[Q, r1 - r0, width] resized logits of output rows r0..r1."""
         if self.same_size:
-            return self.masks[:, r0:r1]
+            return self.source(r0, r1)
         lo, hi, w_lo, w_hi = (t[r0:r1] for t in self.rows)
-        band = self.masks[:, lo] * w_lo[:, None] + self.masks[:, hi] * w_hi[:, None]
+        first = int(lo[0])  # lo and hi are non-decreasing: the band reads source rows first..hi[-1]
+        block = self.source(first, int(hi[-1]) + 1)
+        band = block[:, lo - first] * w_lo[:, None] + block[:, hi - first] * w_hi[:, None]
         c_lo, c_hi, cw_lo, cw_hi = self.cols
         return band[:, :, c_lo] * cw_lo + band[:, :, c_hi] * cw_hi
 
 
-def resize_logits(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_logits(masks: Masks, size: tuple[int, int]) -> torch.Tensor:
     """[Q, h, w] mask logits -> [Q, H, W] at ``size``, with the same arithmetic as semantic inference (for
     callers that want a query's own region at the original size)."""
     return _Resize(masks, size).band(0, size[0])
@@ -172,8 +210,8 @@ def _label_tile(weights, probs, labels, score_sum, rows: slice, cols: slice, kee
     _label_region(weights, probs, labels, score_sum, rows, cols, keep)
 
 
-def semantic_labels(weights: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]):
-    """weights: [Q, K] (non-negative); masks: [Q, h, w] logits -> at ``size`` = (H, W):
+def semantic_labels(weights: torch.Tensor, masks: Masks, size: tuple[int, int]):
+    """weights: [Q, K] (non-negative); masks: [Q, h, w] logits (or ``GridLogits``) -> at ``size`` = (H, W):
     label map [H, W] int32, scores [K] float32 (mean ``sem`` of each class over its pixels, 0 if absent),
     areas [K] int64. The same values as the argmax of ``semantic_probabilities``.
     """
@@ -203,7 +241,7 @@ def semantic_labels(weights: torch.Tensor, masks: torch.Tensor, size: tuple[int,
     return _finish(labels, score_sum, num_classes)
 
 
-def semantic_probabilities(weights: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]):
+def semantic_probabilities(weights: torch.Tensor, masks: Masks, size: tuple[int, int]):
     """As ``semantic_labels``, plus the full per-class map [K, H, W] float32 on the CPU (all classes)."""
     height, width = size
     num_classes = weights.shape[1]

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ebseg.postprocess import GridLogits
 
 MASK_ENCODINGS = ("float32", "float16", "float8", "uint8")
 EMBEDDING_ENCODINGS = ("float32", "float16")
@@ -56,9 +57,7 @@ class Proposals:
         on ``device`` (default: the masks'): upsampled from the grid to the padded input and cropped, as
         labelling does before resizing to the original size (``Segmenter.label``)."""
         masks = (self.masks if queries is None else self.masks[queries]).to(device)
-        padded = F.interpolate(masks[None], size=self.padded_size, mode="bilinear", align_corners=False)[0]
-        h, w = self.input_size
-        return padded[:, :h, :w]
+        return GridLogits(masks, self.input_size).rows(0, self.input_size[0])
 
     def regions(self) -> torch.Tensor:
         """bool [Q, ceil(h / 4), ceil(w / 4)]: each query's region (logit > 0) on the grid cells the

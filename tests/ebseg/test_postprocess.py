@@ -98,7 +98,11 @@ def model_outputs(spec: str, vocabulary: str, images: list[np.ndarray], monkeypa
     monkeypatch.setattr(model.text, "templates", model.text.templates[:1])
     segmenter = Segmenter(model, Vocabulary.from_benchmark(vocabulary), short_side=128, device="cpu")
     captured = []
-    monkeypatch.setattr(segmenter.labeller, "_postprocess", lambda *args: captured.append(args[:3]))
+    monkeypatch.setattr(
+        segmenter.labeller,
+        "_postprocess",
+        lambda w, m, size, *_: captured.append((w, m.rows(0, m.shape[1]), size)),
+    )
     segmenter.predict(images)
     return captured
 
@@ -173,3 +177,25 @@ def test_flat_class_weights_keep_few_classes(seed, monkeypatch):
     labels = assert_same_result(weights, masks, size)
     assert len(np.unique(labels)) > 1
     assert computed["class_pixels"] < 0.25 * num_classes * size[0] * size[1]
+
+
+@pytest.mark.parametrize(
+    ("grid", "input_size"), [((40, 54), (160, 213)), ((8, 8), (29, 32)), ((3, 5), (9, 17))]
+)
+def test_grid_logits_upsample_bands_bit_for_bit(grid, input_size):
+    """Bands upsampled with their halo alone equal rows of the whole grid upsampled x4 and cropped (the
+    reference's order), wherever the band starts; labels from them equal labels from the whole tensor."""
+    g = torch.Generator().manual_seed(sum(grid))
+    logits = torch.randn(6, *grid, generator=g) * 3
+    whole = torch.nn.functional.interpolate(
+        logits[None], size=(4 * grid[0], 4 * grid[1]), mode="bilinear", align_corners=False
+    )[0][:, : input_size[0], : input_size[1]]
+    source = postprocess.GridLogits(logits, input_size)
+    assert source.shape == (6, *input_size)
+    for r0 in range(0, input_size[0], 5):
+        for r1 in {min(r0 + n, input_size[0]) for n in (1, 3, 7, 64)}:
+            assert torch.equal(source.rows(r0, r1), whole[:, r0:r1]), (r0, r1)
+    weights = torch.rand(6, 9, generator=g)
+    for size in (input_size, (input_size[0] * 2 - 1, input_size[1] + 3), (7, 5)):
+        for a, b in zip(semantic_labels(weights, source, size), semantic_labels(weights, whole, size)):
+            assert torch.equal(a, b)
