@@ -108,3 +108,12 @@ def ray_local(s3_server):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def searchable(ray_local, tmp_path_factory):
+    """A shapes set labelled with and without proposals, read by the search tests of two packages
+    (``tests/pipeline/results/searchable_support.py``): labelled once, never written to."""
+    from tests.pipeline.results.searchable_support import label_searchable
+
+    return label_searchable(tmp_path_factory.mktemp("searchable"))

@@ -109,15 +109,15 @@ def test_a_run_prints_only_its_own_lines(labelled):
     assert driver_log.is_file()  # where Ray's lines (the core worker's, Ray Data's warnings) went
 
 
-def test_query_answers_match_the_known_content(labelled, shapes):
+def test_query_answers_match_the_known_content(labelled, shapes, capsys):
+    # In this process: the entry point is run as a subprocess by the labelling above and the --help test.
     out, _ = labelled
     sql = (
         "SELECT i.source_uri, s.label, s.area_fraction FROM images i JOIN segments s USING (image_id) "
         "ORDER BY i.source_uri, s.class_id"
     )
-    result = ebseg("query", str(out), sql, "--format", "json")
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    assert main(["query", str(out), sql, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     answered = {(Path(r["source_uri"]).name, r["label"]): r["area_fraction"] for r in rows}
     truth = ground_truth(shapes)
     assert {name for name, _ in answered} == {name for name, _ in truth}
@@ -132,9 +132,8 @@ def test_query_answers_match_the_known_content(labelled, shapes):
         "SELECT DISTINCT i.source_uri FROM images i JOIN segments s USING (image_id) "
         "WHERE s.label = 'red circle' AND s.area_fraction > 0.1"
     )
-    result = ebseg("query", str(out), sql, "--format", "csv")
-    assert result.returncode == 0, result.stderr
-    found = {Path(row["source_uri"]).name for row in csv.DictReader(io.StringIO(result.stdout))}
+    assert main(["query", str(out), sql, "--format", "csv"]) == 0
+    found = {Path(row["source_uri"]).name for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
     expected = {name for (name, label), v in truth.items() if label == "red circle" and v > 0.1}
     assert found == expected and found
 

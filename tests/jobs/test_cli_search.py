@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from jobs.cli import main
-from tests.pipeline.results.test_query_proposals import file_name, searchable  # noqa: F401 (fixture)
+from tests.pipeline.results.searchable_support import file_name
 
 
-def test_search_prints_ranked_images_as_json_and_table(searchable, capsys):  # noqa: F811
+def test_search_prints_ranked_images_as_json_and_table(searchable, capsys):
     out, _, truth = searchable
     assert main(["search", out, "yellow star", "--limit", "5", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -19,7 +19,7 @@ def test_search_prints_ranked_images_as_json_and_table(searchable, capsys):  # n
     assert "image_id" in table and "score" in table and rows[0]["image_id"] in table
 
 
-def test_show_text_draws_the_best_region_and_refusals_are_one_line(searchable, tmp_path, capsys):  # noqa: F811
+def test_show_text_draws_the_best_region_and_refusals_are_one_line(searchable, tmp_path, capsys):
     out, plain, _ = searchable
     assert main(["search", out, "cyan cross", "--limit", "1", "--format", "json"]) == 0
     [best] = json.loads(capsys.readouterr().out)

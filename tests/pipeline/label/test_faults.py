@@ -235,9 +235,14 @@ run(LabelJob(**json.loads(sys.argv[2])), model_stage_cls=SlowSegmentImages)
 """
 
 
-def test_a_killed_run_resumes_with_every_image_exactly_once(
-    ray_local, s3_server, tiny_ckpt, photos, tmp_path
+def test_a_killed_run_refuses_a_second_run_then_resumes_with_every_image_exactly_once(
+    ray_local, s3_server, tiny_ckpt, photos, tmp_path, capsys
 ):
+    """One driver in another process, a second at a second a batch: while it holds the output, a second
+    run (the CLI) is refused, naming it; killed part-way (a crash: its lease stays behind, unexpired), the
+    rerun takes the output over at once and labels only the shards not committed."""
+    from jobs.cli import main
+
     expected = write_photos(tmp_path / "in", small_photos(photos, 8))
     bucket = s3_server.bucket("resume")
     out = f"s3://{bucket}/out"
@@ -249,6 +254,7 @@ def test_a_killed_run_resumes_with_every_image_exactly_once(
         "files_per_shard": 1,
         "batch_size": 1,
         "rows_per_block": 1,  # one shard per block, so the run can be cut between two commits
+        "progress": False,
     }
     address = ray_local.get_runtime_context().gcs_address
     driver = subprocess.Popen(
@@ -261,6 +267,25 @@ def test_a_killed_run_resumes_with_every_image_exactly_once(
     fs = s3_server.filesystem()
     try:
         deadline = time.monotonic() + 240
+        while not listed(fs, f"{bucket}/out/_lease"):
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first run never took the lease"
+            time.sleep(0.2)
+        argv = [
+            "label",
+            spec["input"],
+            out,
+            "--model",
+            tiny_ckpt,
+            "--vocabulary",
+            VOCAB,
+            "--files-per-shard",
+            "1",
+        ]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ebseg: error: ")
+        assert f"pid {driver.pid}" in err[0] and "label run run-" in err[0] and "expires in" in err[0]
         while len(manifests(fs, bucket)) < 2:
             assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no shard was committed in time"
@@ -271,25 +296,31 @@ def test_a_killed_run_resumes_with_every_image_exactly_once(
         driver.stderr.close()
     committed = manifests(fs, bucket)
     assert 2 <= len(committed) < 8, "the run must be cut off part-way"
+    assert listed(fs, f"{bucket}/out/_lease"), "the killed run's lease stays behind"
     etags = {p: fs.info(p)["ETag"] for p in fs.find(f"{bucket}/out/images") if p.endswith("parquet")}
 
+    # The holder's process is dead on this machine: its lease is taken over at once.
     summary = run(LabelJob(**spec))
     assert summary["shards_skipped"] == len(committed) and summary["shards_written"] == 8 - len(committed)
     assert summary["images"] == 8 - len(committed)
-    check_output(out, expected)  # every image exactly once
+    check_manifests(out, check_output(out, expected))  # every image exactly once, no orphan left
     fs = s3_server.filesystem()
     for path, etag in etags.items():
         if path.split("/")[-2] in committed:
             assert fs.info(path)["ETag"] == etag  # committed shards' parts are not written again
+    assert not listed(fs, f"{bucket}/out/_lease")  # released
+
+
+def listed(fs, directory: str) -> list[str]:
+    fs.invalidate_cache()
+    try:
+        return fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
 
 
 def manifests(fs, bucket: str) -> set[str]:
-    fs.invalidate_cache()
-    try:
-        names = fs.ls(f"{bucket}/out/_manifest", detail=False)
-    except FileNotFoundError:
-        return set()
-    return {n.rsplit("/", 1)[-1][: -len(".json")] for n in names}
+    return {n.rsplit("/", 1)[-1][: -len(".json")] for n in listed(fs, f"{bucket}/out/_manifest")}
 
 
 def test_a_killed_actor_is_restarted_and_no_image_is_lost(ray_local, tiny_ckpt, photos, tmp_path):
@@ -336,63 +367,7 @@ def test_parts_written_by_a_task_that_then_died_are_never_read_and_are_deleted(
     check_manifests(out, check_output(out, expected))  # every image once; no file beside the listed ones
 
 
-# ------------------------------------------------------------------------- one run per output; a full disk
-
-
-def test_a_second_label_run_is_refused_while_the_first_holds_the_output(
-    ray_local, tiny_ckpt, photos, tmp_path, capsys
-):
-    from jobs.cli import main
-
-    expected = write_photos(tmp_path / "in", small_photos(photos, 6))  # 6 s at least, at 1 s a batch
-    out = str(tmp_path / "out")
-    spec = {
-        "input": str(tmp_path / "in"),
-        "output": out,
-        "model": tiny_ckpt,
-        "vocabulary": VOCAB,
-        "files_per_shard": 1,
-        "batch_size": 1,
-        "rows_per_block": 1,
-        "progress": False,
-    }
-    address = ray_local.get_runtime_context().gcs_address
-    first = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, address, json.dumps(spec)],
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not list((tmp_path / "out" / "_lease").glob("*.json")):
-            assert first.poll() is None, first.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the first run never took the lease"
-            time.sleep(0.2)
-        argv = [
-            "label",
-            spec["input"],
-            out,
-            "--model",
-            tiny_ckpt,
-            "--vocabulary",
-            VOCAB,
-            "--files-per-shard",
-            "1",
-        ]
-        assert main(argv) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("ebseg: error: ")
-        assert f"pid {first.pid}" in err[0] and "label run run-" in err[0] and "expires in" in err[0]
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # a crash: its lease stays behind, unexpired
-        first.wait()
-        first.stderr.close()
-    # The holder's process is dead on this machine: its lease is taken over at once, the job finished.
-    run(LabelJob(**spec))
-    check_manifests(out, check_output(out, expected))
-    assert not list((tmp_path / "out" / "_lease").glob("*.json"))  # released
+# ---------------------------------------------------------------------------------------------- a full disk
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -48,6 +50,40 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny128(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("relabel") / "tiny128.pt", short_side=128)
+
+
+@pytest.fixture(scope="module")
+def photo_runs(ray_local, tiny128, photos, tmp_path_factory):
+    """Six photos labelled by tiny128 once for the module, one shard per image: ``fresh`` (all of
+    PHOTO_NAMES, no proposals), ``sources`` by encoding (``"person,grass"`` with proposals) and those
+    relabelled to PHOTO_NAMES (``relabelled``). Tests only read these, or copy them before writing."""
+    root = tmp_path_factory.mktemp("photo_runs")
+    write_photos(root / "in", small_photos(photos, 6))
+    common = {"input": str(root / "in"), "model": tiny128, "files_per_shard": 1, "progress": False}
+    fresh = str(root / "fresh")
+    label(LabelJob(**common, output=fresh, vocabulary=",".join(PHOTO_NAMES)))
+    sources, relabelled = {}, {}
+    for encoding in ("lossless", "default"):
+        sources[encoding] = str(root / f"source-{encoding}")
+        label(
+            LabelJob(
+                **common,
+                output=sources[encoding],
+                vocabulary="person,grass",
+                proposals=True,
+                proposals_encoding=encoding,
+            )
+        )
+        relabelled[encoding] = str(root / f"new-{encoding}")
+        relabel(
+            RelabelJob(
+                source=sources[encoding],
+                output=relabelled[encoding],
+                vocabulary=",".join(PHOTO_NAMES),
+                progress=False,
+            )
+        )
+    return SimpleNamespace(common=common, fresh=fresh, sources=sources, relabelled=relabelled)
 
 
 def label_maps(uri: str) -> dict[str, np.ndarray]:
@@ -122,46 +158,25 @@ def test_demo_on_shapes_relabel_equals_a_fresh_run_and_finds_left_out_classes(ra
         assert (coarse[key] == full[key]).mean() > 0.9
 
 
-def test_tiny_on_photos_relabel_equals_a_fresh_run(ray_local, tiny128, photos, tmp_path):
-    write_photos(tmp_path / "in", small_photos(photos, 3))
-    fresh = str(tmp_path / "fresh")
-    common = {"input": str(tmp_path / "in"), "model": tiny128, "progress": False}
-    label(LabelJob(**common, output=fresh, vocabulary=",".join(PHOTO_NAMES)))
-    for encoding in ("lossless", "default"):
-        source = str(tmp_path / f"source-{encoding}")
-        label(
-            LabelJob(
-                **common,
-                output=source,
-                vocabulary="person,grass",
-                proposals=True,
-                proposals_encoding=encoding,
-            )
-        )
-        new = str(tmp_path / f"new-{encoding}")
-        relabel(RelabelJob(source=source, output=new, vocabulary=",".join(PHOTO_NAMES), progress=False))
-        agreement = compare(new, fresh, lossless=encoding == "lossless")
+def test_tiny_on_photos_relabel_equals_a_fresh_run(photo_runs):
+    for encoding, new in photo_runs.relabelled.items():
+        agreement = compare(new, photo_runs.fresh, lossless=encoding == "lossless")
         print(f"tiny photos {encoding}: agreement {agreement}")
 
 
-def test_relabel_is_refused_without_proposals_or_with_another_model(ray_local, tiny128, photos, tmp_path):
-    write_photos(tmp_path / "in", small_photos(photos, 1))
-    common = {
-        "input": str(tmp_path / "in"),
-        "model": tiny128,
-        "vocabulary": "person,grass",
-        "progress": False,
-    }
+def test_relabel_is_refused_without_proposals_or_with_another_model(photo_runs, tmp_path):
+    # Copies of the module's outputs (a copy elsewhere is the same job: the output path is no part of it).
     plain, stored = str(tmp_path / "plain"), str(tmp_path / "stored")
-    label(LabelJob(**common, output=plain))
+    shutil.copytree(photo_runs.fresh, plain)
+    shutil.copytree(photo_runs.sources["default"], stored)
+    common = {**photo_runs.common, "vocabulary": ",".join(PHOTO_NAMES)}
     with pytest.raises(NoProposalsError, match="--proposals"):
         relabel(RelabelJob(source=plain, output=str(tmp_path / "a"), vocabulary="sky"))
     with pytest.raises(NoProposalsError, match="not a labelling output"):
-        relabel(RelabelJob(source=str(tmp_path / "in"), output=str(tmp_path / "a"), vocabulary="sky"))
+        relabel(RelabelJob(source=common["input"], output=str(tmp_path / "a"), vocabulary="sky"))
     # Proposals are part of a labelling job's identity: the same output cannot gain them on a rerun.
     with pytest.raises(OutputMismatchError, match="proposals"):
         label(LabelJob(**common, output=plain, proposals=True))
-    label(LabelJob(**common, output=stored, proposals=True))
     other = save_tiny(tmp_path / "other.pt", seed=5, short_side=128)
     with pytest.raises(ModelMismatchError, match="Relabel with the model that labelled it"):
         relabel(RelabelJob(source=stored, output=str(tmp_path / "b"), vocabulary="sky", model=other))
@@ -207,16 +222,11 @@ run(RelabelJob(**json.loads(sys.argv[2])), stage_cls=SlowRelabelShards)
 """
 
 
-def test_a_killed_relabel_resumes_with_every_image_exactly_once(ray_local, tiny128, photos, tmp_path):
-    write_photos(tmp_path / "in", small_photos(photos, 6))
-    source = str(tmp_path / "source")
-    common = {"input": str(tmp_path / "in"), "model": tiny128, "progress": False}
-    label(LabelJob(**common, output=source, vocabulary="person,sky", proposals=True, files_per_shard=1))
-    whole = str(tmp_path / "whole")
-    relabel(RelabelJob(source=source, output=whole, vocabulary="person,grass,sky", progress=False))
-
+def test_a_killed_relabel_resumes_with_every_image_exactly_once(ray_local, photo_runs, tmp_path):
+    # Six one-image shards at a second each (SlowRelabelShards): the kill lands between two commits.
+    source, whole = photo_runs.sources["default"], photo_runs.relabelled["default"]
     out = tmp_path / "out"
-    spec = {"source": source, "output": str(out), "vocabulary": "person,grass,sky", "progress": False}
+    spec = {"source": source, "output": str(out), "vocabulary": ",".join(PHOTO_NAMES), "progress": False}
     address = ray_local.get_runtime_context().gcs_address
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER, address, json.dumps(spec)],

@@ -7,39 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ebseg.data.shapes import SHAPES_CLASSES, generate
-from pipeline.label.job import LabelJob
 from pipeline.label.proposal_records import NoProposalsError
-from pipeline.label.run import run as label
 from pipeline.results.query import open_output
 from pipeline.results.show import render_overlay
+from tests.pipeline.results.searchable_support import COUNT, LEFT_OUT, file_name
 
-NAMES = list(SHAPES_CLASSES)
-LEFT_OUT = ("yellow star", "cyan cross")
-COUNT = 20
-
-
-@pytest.fixture(scope="module")
-def searchable(ray_local, tmp_path_factory):
-    """20 shapes images labelled by demo without LEFT_OUT, proposals stored (default encoding); the
-    ground truth: image file name -> classes present."""
-    root = tmp_path_factory.mktemp("searchable")
-    (root / "in").mkdir()
-    truth = {}
-    for i in range(COUNT):
-        image, labels = generate(i, seed=5, size=(128, 112 + 8 * (i % 4)))
-        Image.fromarray(image).save(root / "in" / f"{i:03d}.png")
-        truth[f"{i:03d}.png"] = {NAMES[k] for k in np.unique(labels)}
-    out = str(root / "out")
-    kept = ",".join(n for n in NAMES if n not in LEFT_OUT)
-    label(LabelJob(input=str(root / "in"), output=out, vocabulary=kept, proposals=True, progress=False))
-    plain = str(root / "plain")
-    label(LabelJob(input=str(root / "in"), output=plain, vocabulary=kept, progress=False))
-    return out, plain, truth
-
-
-def file_name(source_uri: str) -> str:
-    return source_uri.rsplit("/", 1)[-1]
+# `searchable` (tests/conftest.py, one labelling per session): (output with proposals, output without,
+# image file name -> classes present).
 
 
 def test_proposals_view_has_a_row_per_image_and_query_with_usable_embeddings(searchable):
