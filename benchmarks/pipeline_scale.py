@@ -23,8 +23,12 @@ Figures per N:
 - ``driver_cpu_s``: user + system CPU of this process (the driver: Ray Data's executor, the commit) over
   ``run()``; ``driver_us_per_image`` and ``driver_ms_per_block`` (blocks = N / rows per block);
 - ``marginal_driver_us_per_image``: (CPU at the largest N - CPU at the smallest) / (difference in N): the
-  cost per image with start-up and the fixed cost of a run taken out;
+  cost per image with start-up and the fixed cost of a run taken out (with ``--warmup N`` an unreported
+  first run of N images starts Ray's workers, so the smallest run is not the only one paying for it);
 - ``driver_peak_rss_bytes``: peak RSS of the driver during the run (sampled every 0.5 s);
+- ``driver_cpu_ms_per_s_by_thread``: the driver's CPU split by thread (``benchmarks.thread_cpu``: Ray
+  Data's ``StreamingExecutor`` loop, the consumer (``MainThread``, ``iter_threaded``), Ray's native
+  core-worker threads, ...), in ms of CPU per second of the run's wall time;
 - ``commit_only``: the driver's own commit work measured apart, without Ray (200 shards of --files-per-shard
   rows in parts of 128 rows: part rows in, manifests written to local disk), CPU per image and per part;
 - ``stage_busy_ms_per_image``: busy time per image measured in the workers for each stage (decode,
@@ -51,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.model_throughput import cpu_model
 from benchmarks.pipeline_throughput import RssSampler
+from benchmarks.thread_cpu import ThreadCpu
 from ebseg.predictor import Prediction
 from ebseg.resize import resized_shape
 from ebseg.zoo import RandomWeightsWarning
@@ -146,6 +151,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="short side of the simulated model's input (default: the model's 640); a small one takes the "
         "actors' resize work away so the run goes fast enough to load the driver",
     )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="label this many images first, unreported, so that no reported run pays Ray's worker start-up "
+        "(without it the smallest count's run does, which lowers the marginal figure)",
+    )
     p.add_argument("--encode", default="stage", choices=["stage", "actor"], help="where records are written")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 4x)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
@@ -155,7 +167,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.height, args.width = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         p.error(f"--counts must be integers and --size HxW, got {args.counts!r}, {args.size!r}")
-    sizes = (*args.count_list, args.batch_size, args.actors, args.files_per_shard, args.input_side or 1)
+    sizes = (
+        *args.count_list,
+        args.batch_size,
+        args.actors,
+        args.files_per_shard,
+        args.input_side or 1,
+        args.warmup + 1,
+    )
     if min(sizes) < 1 or args.actor_ips <= 0:
         p.error(
             "--counts, --batch-size, --actors, --files-per-shard, --input-side, --actor-ips must be positive"
@@ -187,7 +206,7 @@ def self_cpu() -> float:
 
 
 def one_run(args, count: int, source: Path, out: Path) -> dict:
-    inputs = out.parent / f"in-{count}"
+    inputs = out.parent / f"in-{out.name}"
     inputs.mkdir()
     for path in sorted(source.rglob("*.jpg"))[:count]:
         os.link(path, inputs / path.name)  # a hard link: the listing reads it as the file it is
@@ -208,7 +227,7 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
     cpu, start = self_cpu(), time.monotonic()
     # Sampled every 0.5 s: the sampler runs in the driver's process, and at 50 ms it cost ~5 ms of CPU
     # per second there, counted as driver CPU (the driver's own RSS moves slowly: no records reach it).
-    with RssSampler(interval=0.5) as rss:
+    with RssSampler(interval=0.5) as rss, ThreadCpu(interval=2.0) as threads:
         summary = run(job, model_stage_cls=stage)
     wall, cpu = time.monotonic() - start, self_cpu() - cpu
     blocks = -(-count // job.rows_per_block)
@@ -222,6 +241,7 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
         "driver_us_per_image": round(cpu / count * 1e6, 1),
         "driver_ms_per_block": round(cpu / blocks * 1e3, 2),
         "driver_peak_rss_bytes": rss.peak,
+        "driver_cpu_ms_per_s_by_thread": threads.per_second(wall),
         "stage_busy_ms_per_image": {k: round(v / count * 1000, 3) for k, v in busy.items()},
         "effective_batch_size": summary["effective_batch_size"],
         "shards": summary["shards_written"],
@@ -304,7 +324,10 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="ebseg-scale-") as tmp:
             root = Path(tmp)
             report["commit_only"] = commit_cost(200, args.files_per_shard, 128, root / "commit-only")
-            write_inputs(root / "photos", max(args.count_list), args.height, args.width)
+            write_inputs(root / "photos", max(*args.count_list, args.warmup), args.height, args.width)
+            if args.warmup:  # not reported: the first run in a fresh Ray pays for starting its workers
+                warm = one_run(args, args.warmup, root / "photos", root / "out-warmup")
+                report["warmup"] = {k: warm[k] for k in ("images", "wall_s", "driver_cpu_s")}
             for count in args.count_list:
                 report["runs"].append(one_run(args, count, root / "photos", root / f"out-{count}"))
     finally:
