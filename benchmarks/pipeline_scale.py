@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/pipeline_scale.py --counts 1000,10000 --size 480x640 [--rows-per-block 128] \\
-        [--actors 2] [--actor-ips 400] [--batch-size 8] [--json]
+        [--actors 2] [--actor-ips 400] [--batch-size 8] [--input-side 640] [--json]
     python benchmarks/pipeline_scale.py --counts 100 --size 3000x4000 --rows-per-block 64
 
 Writes ``max(--counts)`` JPEG photos (``skimage.data``, resized to --size: 480x640 or 3000x4000 originals)
@@ -13,6 +13,9 @@ N of --counts, each into a fresh output. Only the model stage is simulated: ``Si
 sleeps as an accelerator running --actor-ips images/s per actor would, batching by padded shape as the real
 stage does, and returns a realistic label map at the original size (several classes in blobs, from the
 shapes set's drawing rule) and scores, so encoding and writing cost what they cost for real records.
+``--input-side`` shrinks the simulated model's input (the actors decode and resize to it): the driver never
+sees pixels, so it changes the actors' CPU per image, not the driver's, and lets a small box run fast enough
+to load the driver.
 
 Figures per N:
 
@@ -20,8 +23,12 @@ Figures per N:
 - ``driver_cpu_s``: user + system CPU of this process (the driver: Ray Data's executor, the commit) over
   ``run()``; ``driver_us_per_image`` and ``driver_ms_per_block`` (blocks = N / rows per block);
 - ``marginal_driver_us_per_image``: (CPU at the largest N - CPU at the smallest) / (difference in N): the
-  cost per image with start-up and the fixed cost of a run taken out;
-- ``driver_peak_rss_bytes``: peak RSS of the driver during the run (sampled every 50 ms);
+  cost per image with start-up and the fixed cost of a run taken out (with ``--warmup N`` an unreported
+  first run of N images starts Ray's workers, so the smallest run is not the only one paying for it);
+- ``driver_peak_rss_bytes``: peak RSS of the driver during the run (sampled every 0.5 s);
+- ``driver_cpu_ms_per_s_by_thread``: the driver's CPU split by thread (``benchmarks.thread_cpu``: Ray
+  Data's ``StreamingExecutor`` loop, the consumer (``MainThread``, ``iter_threaded``), Ray's native
+  core-worker threads, ...), in ms of CPU per second of the run's wall time;
 - ``commit_only``: the driver's own commit work measured apart, without Ray (200 shards of --files-per-shard
   rows in parts of 128 rows: part rows in, manifests written to local disk), CPU per image and per part;
 - ``stage_busy_ms_per_image``: busy time per image measured in the workers for each stage (decode,
@@ -48,9 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.model_throughput import cpu_model
 from benchmarks.pipeline_throughput import RssSampler
+from benchmarks.thread_cpu import ThreadCpu
 from ebseg.predictor import Prediction
 from ebseg.resize import resized_shape
 from ebseg.zoo import RandomWeightsWarning
+from pipeline.label.decode import DecodeImages
 from pipeline.label.job import LabelJob
 from pipeline.label.run import run
 from pipeline.label.segment import SegmentImages
@@ -75,12 +84,16 @@ def blob_labels(height: int, width: int, classes: int, seed: int) -> np.ndarray:
 
 
 class SimulatedSegmenter:
-    """Stands in for ``ebseg.predictor.Segmenter``: the same padded-shape rule, a sleep for the forward."""
+    """Stands in for ``ebseg.predictor.Segmenter``: the same padded-shape rule, a sleep for the forward.
 
-    short_side, max_long_side, divisor = 640, 2560, 32
+    input_side: the model input's short side (the real models' 640 by default; the long side at most 4x).
+    """
 
-    def __init__(self, classes: int, images_per_s: float):
+    divisor = 32
+
+    def __init__(self, classes: int, images_per_s: float, input_side: int = 640):
         self.classes, self.images_per_s = classes, images_per_s
+        self.short_side, self.max_long_side = input_side, 4 * input_side
         self._maps: dict[tuple[int, int], np.ndarray] = {}
 
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -100,12 +113,24 @@ class SimulatedSegmenter:
         return out
 
 
-def simulated_stage(images_per_s: float) -> type[SegmentImages]:
-    """The model stage with a simulated accelerator (a class made here, so Ray ships it by value)."""
+def simulated_stage(images_per_s: float, input_side: int | None = None) -> type[SegmentImages]:
+    """The model stage with a simulated accelerator (a class made here, so Ray ships it by value).
+
+    input_side: when given, the actor decodes and resizes every image to a model input of that short side
+    instead of the model's own (640): the driver never sees pixels, so this changes only the actors' CPU
+    work per image (resizing a 48x64 photo up to 640x853 is most of it), which lets a small box run fast
+    enough to load the driver."""
 
     class SimulatedSegmentImages(SegmentImages):
+        def __init__(self, settings, **kwargs):
+            super().__init__(settings, **kwargs)
+            if input_side is not None and self.decode is not None:
+                d = self.decode
+                self.decode = DecodeImages(input_side, self.segmenter.max_long_side, d.max_pixels)
+
         def load_segmenter(self, settings):  # no model is loaded
-            return SimulatedSegmenter(len(settings.vocabulary), images_per_s)
+            side = 640 if input_side is None else input_side
+            return SimulatedSegmenter(len(settings.vocabulary), images_per_s, side)
 
     return SimulatedSegmentImages
 
@@ -119,6 +144,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--actor-ips", type=float, default=400.0, help="simulated images/s of one actor")
     p.add_argument("--files-per-shard", type=int, default=256)
+    p.add_argument(
+        "--input-side",
+        type=int,
+        default=None,
+        help="short side of the simulated model's input (default: the model's 640); a small one takes the "
+        "actors' resize work away so the run goes fast enough to load the driver",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="label this many images first, unreported, so that no reported run pays Ray's worker start-up "
+        "(without it the smallest count's run does, which lowers the marginal figure)",
+    )
     p.add_argument("--encode", default="stage", choices=["stage", "actor"], help="where records are written")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 4x)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
@@ -128,8 +167,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.height, args.width = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         p.error(f"--counts must be integers and --size HxW, got {args.counts!r}, {args.size!r}")
-    if min(*args.count_list, args.batch_size, args.actors, args.files_per_shard) < 1 or args.actor_ips <= 0:
-        p.error("--counts, --batch-size, --actors, --files-per-shard and --actor-ips must be positive")
+    sizes = (
+        *args.count_list,
+        args.batch_size,
+        args.actors,
+        args.files_per_shard,
+        args.input_side or 1,
+        args.warmup + 1,
+    )
+    if min(sizes) < 1 or args.actor_ips <= 0:
+        p.error(
+            "--counts, --batch-size, --actors, --files-per-shard, --input-side, --actor-ips must be positive"
+        )
     args.cores = len(os.sched_getaffinity(0))
     args.ray_cpus = args.ray_cpus or 4 * args.cores
     return args
@@ -157,7 +206,7 @@ def self_cpu() -> float:
 
 
 def one_run(args, count: int, source: Path, out: Path) -> dict:
-    inputs = out.parent / f"in-{count}"
+    inputs = out.parent / f"in-{out.name}"
     inputs.mkdir()
     for path in sorted(source.rglob("*.jpg"))[:count]:
         os.link(path, inputs / path.name)  # a hard link: the listing reads it as the file it is
@@ -174,9 +223,11 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
         progress=True,  # as `ebseg label` runs: our progress line on stderr, Ray Data's own progress off
         **fields,
     )
-    stage = simulated_stage(args.actor_ips)
+    stage = simulated_stage(args.actor_ips, args.input_side)
     cpu, start = self_cpu(), time.monotonic()
-    with RssSampler() as rss:
+    # Sampled every 0.5 s: the sampler runs in the driver's process, and at 50 ms it cost ~5 ms of CPU
+    # per second there, counted as driver CPU (the driver's own RSS moves slowly: no records reach it).
+    with RssSampler(interval=0.5) as rss, ThreadCpu(interval=2.0) as threads:
         summary = run(job, model_stage_cls=stage)
     wall, cpu = time.monotonic() - start, self_cpu() - cpu
     blocks = -(-count // job.rows_per_block)
@@ -190,6 +241,7 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
         "driver_us_per_image": round(cpu / count * 1e6, 1),
         "driver_ms_per_block": round(cpu / blocks * 1e3, 2),
         "driver_peak_rss_bytes": rss.peak,
+        "driver_cpu_ms_per_s_by_thread": threads.per_second(wall),
         "stage_busy_ms_per_image": {k: round(v / count * 1000, 3) for k, v in busy.items()},
         "effective_batch_size": summary["effective_batch_size"],
         "shards": summary["shards_written"],
@@ -261,6 +313,7 @@ def main(argv=None) -> dict:
         "actors": args.actors,
         "actor_ips": args.actor_ips,
         "files_per_shard": args.files_per_shard,
+        "input_side": args.input_side or 640,
         "encode": args.encode,
         "cpu": cpu_model(),
         "cores": args.cores,
@@ -271,7 +324,10 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="ebseg-scale-") as tmp:
             root = Path(tmp)
             report["commit_only"] = commit_cost(200, args.files_per_shard, 128, root / "commit-only")
-            write_inputs(root / "photos", max(args.count_list), args.height, args.width)
+            write_inputs(root / "photos", max(*args.count_list, args.warmup), args.height, args.width)
+            if args.warmup:  # not reported: the first run in a fresh Ray pays for starting its workers
+                warm = one_run(args, args.warmup, root / "photos", root / "out-warmup")
+                report["warmup"] = {k: warm[k] for k in ("images", "wall_s", "driver_cpu_s")}
             for count in args.count_list:
                 report["runs"].append(one_run(args, count, root / "photos", root / f"out-{count}"))
     finally:

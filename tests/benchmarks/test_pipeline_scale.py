@@ -13,14 +13,41 @@ def test_pipeline_scale_reports_driver_and_stage_figures(ray_local):
     from benchmarks import pipeline_scale
 
     args = ["--counts", "8", "--size", "48x64", "--rows-per-block", "4", "--batch-size", "2"]
-    report = pipeline_scale.main([*args, "--files-per-shard", "3", "--actors", "1", "--actor-ips", "1000"])
+    more = ["--files-per-shard", "3", "--actors", "1", "--actor-ips", "1000", "--warmup", "3"]
+    report = pipeline_scale.main([*args, *more])
     json.dumps(report)  # what --json prints
     assert [r["images"] for r in report["runs"]] == [8] and report["size"] == "48x64"
+    assert report["warmup"]["images"] == 3  # labelled first, not among the runs
     for run in report["runs"]:
         assert run["rows_per_block"] == 4 and run["shards"] == -(-run["images"] // 3)
         assert run["driver_cpu_s"] > 0 and run["driver_peak_rss_bytes"] > 0 and run["images_per_s"] > 0
         assert set(run["stage_busy_ms_per_image"]) == {"decode", "model", "encode", "write"}
         assert 1 <= run["effective_batch_size"] <= 2  # the simulated stage batches as the real one does
+        by_thread = run["driver_cpu_ms_per_s_by_thread"]
+        assert "StreamingExecutor" in by_thread and all(v > 0 for v in by_thread.values())
+
+
+def test_simulated_stage_input_side_shrinks_the_actors_decode_and_batching_rule():
+    import io
+
+    from PIL import Image
+
+    from benchmarks.pipeline_scale import parse_args, simulated_stage
+    from ebseg.vocab import Vocabulary
+    from ebseg.zoo import SegmenterSettings
+    from pipeline.label.decode import DecodeImages
+
+    settings = SegmenterSettings("tiny", Vocabulary(("sky", "tree", "road")), batch_size=2)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(jpeg, "JPEG")
+    small = simulated_stage(1000.0, input_side=32)(settings, decode=DecodeImages(640, 2560, 10**8))
+    image, height, width = small.decode.decode_one(jpeg.getvalue())
+    assert image.shape == (32, 43, 3) and (height, width) == (48, 64) and small.decode.max_pixels == 10**8
+    assert small.segmenter.padded_shape(48, 64) == (32, 64)
+    model = simulated_stage(1000.0)(settings, decode=DecodeImages(640, 2560))  # default: the model's input
+    assert model.decode.decode_one(jpeg.getvalue())[0].shape == (640, 853, 3)
+    assert model.segmenter.padded_shape(48, 64) == (640, 864)
+    assert parse_args(["--input-side", "64"]).input_side == 64 and parse_args([]).input_side is None
 
 
 def gpu_check(*args: str) -> subprocess.CompletedProcess:
