@@ -98,6 +98,44 @@ def test_recognition_head_runs_once_at_inference_and_per_layer_in_training(model
     assert out.logits_d is None and len(out.logits_b) == len(out.logits_a)
 
 
+def test_final_only_gives_the_full_paths_final_prediction(model):
+    """Inference (``Segmenter``) asks for the final prediction alone; it is the full path's last entry, bit
+    for bit, although the intermediate predictions' heads are skipped."""
+    emb = class_embeddings(4, model.config.clip.embed_dim)
+    with torch.inference_mode():
+        full = model(images(), emb, image_sizes=[(256, 200), (180, 256)])
+        final = model(images(), emb, image_sizes=[(256, 200), (180, 256)], final_only=True)
+    assert len(full.pred_masks) == model.config.decoder.num_layers + 1
+    for name in ("pred_masks", "logits_a", "logits_b", "embeddings_a"):
+        assert len(getattr(final, name)) == 1, name
+        assert torch.equal(getattr(final, name)[-1], getattr(full, name)[-1]), name
+    for name in ("logits_d", "embeddings_b", "embeddings_d"):
+        assert torch.equal(getattr(final, name), getattr(full, name)), name
+
+
+def test_attention_masks_from_resized_features_equal_resized_mask_logits(model):
+    """The decoder thresholds ``mask_embed . resize(features)`` instead of ``resize(mask_embed . features)``
+    (the reference's order): the same logits up to float rounding, so the same mask away from 0."""
+    decoder = model.decoder
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, model.config.pixel_decoder.mask_dim, 64, 48, generator=g)
+    mask_embed = torch.randn(2, decoder.num_queries, features.shape[1], generator=g)
+    for size in ((8, 6), (16, 12), (32, 24)):
+        resized = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        blocked = decoder._attn_mask(mask_embed, resized).view(2, decoder.num_heads, decoder.num_queries, -1)
+        logits = F.interpolate(
+            torch.einsum("bqc,bchw->bqhw", mask_embed, features),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        ).flatten(2)
+        expected = logits.sigmoid() < 0.5
+        assert blocked.any() and not blocked.all()
+        for head in range(decoder.num_heads):
+            decided = logits.abs() > 1e-4 * logits.abs().max()
+            assert torch.equal(blocked[:, head][decided], expected[decided])
+
+
 def test_outputs_are_deterministic(model):
     emb = class_embeddings(4, model.config.clip.embed_dim)
     with torch.inference_mode():
