@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ebseg.modeling.layers import MLP, mask_pool, sine_position_embedding
+from ebseg.modeling.rec_head import AttnBias
 
 
 def _xavier_matrices(module: nn.Module) -> None:
@@ -214,17 +215,18 @@ class AdaBDecoder(nn.Module):
             output = self.transformer_ffn_layers[i](output)
         return result
 
-    def attn_bias(self, mask_embed: torch.Tensor, attn_hidden: torch.Tensor) -> torch.Tensor:
+    def attn_bias(self, mask_embed: torch.Tensor, attn_hidden: torch.Tensor) -> AttnBias:
         """Per-head attention bias for the CLIP recognition head.
 
         mask_embed: [B, Q, c]; attn_hidden: [B, h, w, c] (``DecoderOutput.attn_hidden``)
-        -> [B, heads, Q, h, w].
+        -> pixels [B, heads, Q, h, w] and offset [B, heads, Q] (``AttnBias``).
 
         The bias is ``bias_scaling(<mask_embed, attn_proj(pixel)[head]>)``. The last layer of ``attn_proj``
         (c -> heads * c) and the scalar ``bias_scaling`` are linear, so they are applied to the queries
         instead of to every pixel: per head ``(s * mask_embed @ W_head) @ hidden + (s * mask_embed @ b_head
-        + t)``. The same sum in another order (float rounding apart), without the [B, HW, heads * c]
-        per-pixel features (315 MB and 20 GFLOP for base at 640x640).
+        + t)``, the first term per pixel, the second the offset. The same sum in another order (float
+        rounding apart), without the [B, HW, heads * c] per-pixel features (315 MB and 20 GFLOP for base at
+        640x640).
         """
         b, q, c = mask_embed.shape
         heads = self.clip_heads
@@ -234,6 +236,5 @@ class AdaBDecoder(nn.Module):
         weight = last.weight.reshape(heads, c, -1)  # [heads, c (j), hidden]
         query_side = torch.einsum("bqj,njk->bnqk", mask_embed * scale, weight).reshape(b, heads * q, -1)
         offset = (mask_embed @ last.bias.reshape(heads, c).T).transpose(1, 2) * scale + shift  # [B, heads, Q]
-        pixels = attn_hidden.flatten(1, 2).transpose(1, 2)  # [B, hidden, h*w]
-        bias = torch.baddbmm(offset.reshape(b, heads * q, 1), query_side, pixels)
-        return bias.reshape(b, heads, q, *attn_hidden.shape[1:3])
+        pixels = torch.bmm(query_side, attn_hidden.flatten(1, 2).transpose(1, 2))  # [B, heads * Q, h*w]
+        return AttnBias(pixels.reshape(b, heads, q, *attn_hidden.shape[1:3]), offset)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ebseg.build import build_ebseg
 from ebseg.checkpoint import convert_official_state_dict
 from ebseg.config import PRESETS, EBSegConfig, get_config, tiny
+from ebseg.modeling.rec_head import AttnBias, build_rec_attn_bias
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +65,17 @@ def test_stage_shapes_and_dtypes(model):
         assert dec.embeddings[-1].shape == (2, q, cfg.clip.embed_dim)
         assert dec.attn_hidden.shape == (2, 64, 48, cfg.pixel_decoder.mask_dim)
         bias = model.decoder.attn_bias(dec.mask_embeds[-1], dec.attn_hidden)
-        assert bias.shape == (2, cfg.clip.heads, q, 64, 48)
+        assert bias.dense().shape == (2, cfg.clip.heads, q, 64, 48)
         # The folded computation equals the definition: bias_scaling(<mask_embed, attn_proj(pixel)[head]>).
         per_pixel = model.decoder.attn_proj(mask_features.permute(0, 2, 3, 1))  # [B, h, w, heads * c]
         per_pixel = per_pixel.unflatten(-1, (cfg.clip.heads, -1))
         direct = torch.einsum("bqc,bhwnc->bnqhw", dec.mask_embeds[-1], per_pixel)
         direct = model.decoder.bias_scaling(direct.unsqueeze(-1)).squeeze(-1)
-        torch.testing.assert_close(bias, direct, atol=1e-5 * direct.abs().max().item(), rtol=1e-5)
+        torch.testing.assert_close(bias.dense(), direct, atol=1e-5 * direct.abs().max().item(), rtol=1e-5)
+        # The offset is added after the head's max pooling; a constant commutes with a max, bit for bit.
+        pooled = build_rec_attn_bias(bias, grid=grid, num_heads=cfg.clip.heads)
+        dense = AttnBias(bias.dense(), torch.zeros_like(bias.offset))
+        assert torch.equal(pooled, build_rec_attn_bias(dense, grid=grid, num_heads=cfg.clip.heads))
 
         emb_b, dense = model.clip.recognize(feats, bias, num_sos=q)
         assert emb_b.shape == (2, q, cfg.clip.embed_dim)
