@@ -37,6 +37,7 @@ median), and removes the worktree.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -117,10 +118,13 @@ def make_step(args: argparse.Namespace, seg, images: list[np.ndarray]):
     text = seg.class_embeddings()
     amp = DTYPES[args.dtype]
     autocast = (lambda: torch.autocast(seg.device.type, dtype=amp)) if amp else nullcontext
+    # The forward as the Segmenter calls it: final prediction only, where the code state has the option.
+    forward = getattr(seg.model, "_orig_mod", seg.model).forward
+    options = {"final_only": True} if "final_only" in inspect.signature(forward).parameters else {}
 
     def step():
         with torch.inference_mode(), autocast():
-            return seg.model(batch, text, image_sizes=sizes)
+            return seg.model(batch, text, image_sizes=sizes, **options)
 
     return step
 

@@ -38,7 +38,8 @@ class FusionLayer(nn.Sequential):
 
 @dataclass
 class EBSegOutput:
-    """Predictions; lists run over the decoder's predictions, the last entry is the final one.
+    """Predictions; lists run over the decoder's predictions (the final one alone with
+    ``EBSeg.forward(..., final_only=True)``), the last entry is the final one.
 
     pred_masks: [B, Q, H/4, W/4] mask logits. logits_a / logits_b: [B, Q, K + 1] class logits of
     embeddings A (decoder) and B (CLIP recognition head), background last. In eval mode the
@@ -107,11 +108,14 @@ class EBSeg(nn.Module):
         images: torch.Tensor,
         class_embeddings: torch.Tensor,
         image_sizes: list[tuple[int, int]] | None = None,
+        *,
+        final_only: bool = False,
     ) -> EBSegOutput:
         """images: [B, 3, H, W] RGB in 0..255 (any float or uint8 dtype), H and W multiples of 32;
         class_embeddings: [K, D] unit text embeddings (``text.encode_names``); image_sizes: the valid
         (h, w) of each padded image, or None when nothing is padded (or padding is real pixels, as in
-        training)."""
+        training); final_only: the lists hold the final prediction alone (``AdaBDecoder.forward``: the
+        decoder then skips the intermediate predictions' heads, which only the losses read)."""
         clip_in, sam_in = self._normalise(images, image_sizes)
         dual = not self.training
         # scale_factor (not size) floors the CLIP input size exactly as the reference does.
@@ -126,7 +130,7 @@ class EBSeg(nn.Module):
             )
             sam_features[level] = res + fused
         mask_features, multi_scale = self.pixel_decoder(sam_features)
-        dec = self.decoder(multi_scale, mask_features)
+        dec = self.decoder(multi_scale, mask_features, final_only=final_only)
 
         classifier = self.text.classifier(class_embeddings)  # [K + 1, D], scaled
         logits_a = [torch.einsum("bqc,nc->bqn", e, classifier) for e in dec.embeddings]

@@ -135,7 +135,8 @@ class Segmenter:
                     batch[j, :, :h, :w] = prepared[i]
                     sizes.append((h, w))
                 with torch.inference_mode(), self._autocast():
-                    out = self.model(batch.to(self.device), text, image_sizes=sizes)
+                    # Only the final prediction is read: the decoder skips the intermediate ones' heads.
+                    out = self.model(batch.to(self.device), text, image_sizes=sizes, final_only=True)
                 embeddings = torch.stack([out.embeddings_a[-1], out.embeddings_b, out.embeddings_d], dim=1)
                 for j, i in enumerate(chunk):
                     results[i] = Proposals(

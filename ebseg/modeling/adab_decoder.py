@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ebseg.modeling.layers import MLP, mask_pool, sine_position_embedding
+from ebseg.modeling.rec_head import AttnBias
 
 
 def _xavier_matrices(module: nn.Module) -> None:
@@ -127,28 +128,46 @@ class AdaBDecoder(nn.Module):
     def num_queries(self) -> int:
         return self.query_feat.num_embeddings
 
-    def _predict(
-        self, output: torch.Tensor, mask_features: torch.Tensor, target_size: tuple[int, int] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Heads on the current queries [B, Q, C]: (mask_embed, pred_mask, embeddings A, next attn mask).
-
-        No ``target_size``: no layer follows, so no attention mask is made (None)."""
+    def _heads(
+        self, output: torch.Tensor, mask_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Heads on the current queries [B, Q, C]: (mask_embed, pred_mask, embeddings A)."""
         q = self.decoder_norm(output)
         mask_embed = self.mask_embed(q)
         pred_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         pooled = self.pool_proj(mask_pool(mask_features, pred_mask))
         embeddings = self.mask_embed1(pooled + q)
         embeddings = torch.clamp(self.logit_scale, max=10) * F.normalize(embeddings, dim=-1)
-        if target_size is None:
-            return mask_embed, pred_mask, embeddings, None
-        attn_mask = F.interpolate(pred_mask, size=target_size, mode="bilinear", align_corners=False)
-        attn_mask = attn_mask.sigmoid().flatten(2) < 0.5  # True = blocked
-        attn_mask = attn_mask.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
-        return mask_embed, pred_mask, embeddings, attn_mask.detach()
+        return mask_embed, pred_mask, embeddings
 
-    def forward(self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor) -> DecoderOutput:
+    def _attn_mask(self, mask_embed: torch.Tensor, level_features: torch.Tensor) -> torch.Tensor:
+        """The next layer's attention mask: the mask logits at that layer's level, thresholded.
+
+        mask_embed: [B, Q, c]; level_features: [B, c, h, w], the mask features bilinearly resized to the
+        level (``forward``) -> [B * heads, Q, h * w] bool, True = blocked. The mask logits are linear in the
+        mask features (no bias), so the product with the resized features equals the resized
+        [B, Q, H/4, W/4] logits (the reference's order) up to float rounding, at the cost of the level's
+        pixels instead of the stride-4 map's (1/64 .. 1/4 of them).
+        """
+        logits = torch.einsum("bqc,bchw->bqhw", mask_embed.detach(), level_features)
+        blocked = logits.sigmoid().flatten(2) < 0.5
+        return blocked.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
+
+    def forward(
+        self,
+        multi_scale_features: list[torch.Tensor],
+        mask_features: torch.Tensor,
+        *,
+        final_only: bool = False,
+    ) -> DecoderOutput:
         """multi_scale_features: 3 maps [B, C, h_l, w_l], coarsest (stride 32) first;
-        mask_features: [B, mask_dim, H/4, W/4]."""
+        mask_features: [B, mask_dim, H/4, W/4].
+
+        final_only: the output's lists hold the final prediction alone, and the intermediate predictions'
+        masks, embeddings A and mask pooling are skipped (inference reads only the final prediction; the
+        losses read all). Each layer's attention mask comes from the previous prediction's mask embedding
+        the same way in both cases, so the final prediction is the same.
+        """
         if len(multi_scale_features) != self.NUM_LEVELS:
             raise ValueError(f"expected {self.NUM_LEVELS} feature levels, got {len(multi_scale_features)}")
         sizes, src, pos = [], [], []
@@ -156,6 +175,13 @@ class AdaBDecoder(nn.Module):
             sizes.append(tuple(feat.shape[-2:]))
             pos.append(sine_position_embedding(feat, feat.shape[1] // 2).flatten(2).transpose(1, 2))
             src.append(feat.flatten(2).transpose(1, 2) + self.level_embed.weight[i])
+        # The mask features at each level's size, for the attention masks (``_attn_mask``). No gradient
+        # flows through a thresholded mask.
+        with torch.no_grad():
+            level_features = [
+                F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                for size in sizes
+            ]
 
         b = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
@@ -168,42 +194,39 @@ class AdaBDecoder(nn.Module):
 
         result = DecoderOutput(pred_masks=[], embeddings=[], mask_embeds=[], attn_hidden=hidden)
         num_layers = len(self.transformer_cross_attention_layers)
-
-        def record(target_size: tuple[int, int] | None) -> torch.Tensor | None:
-            mask_embed, pred_mask, embeddings, attn_mask = self._predict(output, mask_features, target_size)
-            result.mask_embeds.append(mask_embed)
-            result.pred_masks.append(pred_mask)
-            result.embeddings.append(embeddings)
-            return attn_mask
-
-        attn_mask = record(sizes[0])
-        for i, (cross, self_attn, ffn) in enumerate(
-            zip(
-                self.transformer_cross_attention_layers,
-                self.transformer_self_attention_layers,
-                self.transformer_ffn_layers,
-            )
-        ):
+        for i in range(num_layers + 1):
+            if i == num_layers or not final_only:
+                mask_embed, pred_mask, embeddings = self._heads(output, mask_features)
+                result.mask_embeds.append(mask_embed)
+                result.pred_masks.append(pred_mask)
+                result.embeddings.append(embeddings)
+            else:
+                mask_embed = self.mask_embed(self.decoder_norm(output))
+            if i == num_layers:
+                break  # no layer follows the final prediction: no attention mask
             level = i % self.NUM_LEVELS
+            attn_mask = self._attn_mask(mask_embed, level_features[level])
             # A query whose mask covers nothing at this level would attend to nothing: let it see all.
             attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
-            output = cross(output, src[level], mask=attn_mask, pos=pos[level], query_pos=query_pos)
-            output = self_attn(output, query_pos=query_pos)
-            output = ffn(output)
-            attn_mask = record(sizes[(i + 1) % self.NUM_LEVELS] if i + 1 < num_layers else None)
+            output = self.transformer_cross_attention_layers[i](
+                output, src[level], mask=attn_mask, pos=pos[level], query_pos=query_pos
+            )
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_pos)
+            output = self.transformer_ffn_layers[i](output)
         return result
 
-    def attn_bias(self, mask_embed: torch.Tensor, attn_hidden: torch.Tensor) -> torch.Tensor:
+    def attn_bias(self, mask_embed: torch.Tensor, attn_hidden: torch.Tensor) -> AttnBias:
         """Per-head attention bias for the CLIP recognition head.
 
         mask_embed: [B, Q, c]; attn_hidden: [B, h, w, c] (``DecoderOutput.attn_hidden``)
-        -> [B, heads, Q, h, w].
+        -> pixels [B, heads, Q, h, w] and offset [B, heads, Q] (``AttnBias``).
 
         The bias is ``bias_scaling(<mask_embed, attn_proj(pixel)[head]>)``. The last layer of ``attn_proj``
         (c -> heads * c) and the scalar ``bias_scaling`` are linear, so they are applied to the queries
         instead of to every pixel: per head ``(s * mask_embed @ W_head) @ hidden + (s * mask_embed @ b_head
-        + t)``. The same sum in another order (float rounding apart), without the [B, HW, heads * c]
-        per-pixel features (315 MB and 20 GFLOP for base at 640x640).
+        + t)``, the first term per pixel, the second the offset. The same sum in another order (float
+        rounding apart), without the [B, HW, heads * c] per-pixel features (315 MB and 20 GFLOP for base at
+        640x640).
         """
         b, q, c = mask_embed.shape
         heads = self.clip_heads
@@ -213,6 +236,5 @@ class AdaBDecoder(nn.Module):
         weight = last.weight.reshape(heads, c, -1)  # [heads, c (j), hidden]
         query_side = torch.einsum("bqj,njk->bnqk", mask_embed * scale, weight).reshape(b, heads * q, -1)
         offset = (mask_embed @ last.bias.reshape(heads, c).T).transpose(1, 2) * scale + shift  # [B, heads, Q]
-        pixels = attn_hidden.flatten(1, 2).transpose(1, 2)  # [B, hidden, h*w]
-        bias = torch.baddbmm(offset.reshape(b, heads * q, 1), query_side, pixels)
-        return bias.reshape(b, heads, q, *attn_hidden.shape[1:3])
+        pixels = torch.bmm(query_side, attn_hidden.flatten(1, 2).transpose(1, 2))  # [B, heads * Q, h*w]
+        return AttnBias(pixels.reshape(b, heads, q, *attn_hidden.shape[1:3]), offset)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebseg.modeling.rec_head import build_rec_attn_bias
+from ebseg.modeling.rec_head import AttnBias, build_rec_attn_bias
 
 
 @dataclass
@@ -149,11 +149,11 @@ class ClipVisual(nn.Module):
         return F.normalize(self.ln_post(tokens) @ self.proj, dim=-1)
 
     def recognize(
-        self, features: ClipFeatures, attn_bias: torch.Tensor, *, num_sos: int
+        self, features: ClipFeatures, attn_bias: AttnBias, *, num_sos: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the recognition head: SOS tokens read the image through the decoder's attention bias.
 
-        attn_bias: [B, heads, Q, h4, w4] from the decoder (Q = num_sos), max-pooled here to the CLIP grid.
+        attn_bias: from the decoder ([B, heads, Q, h4, w4], Q = num_sos), max-pooled here to the CLIP grid.
         Returns embeddings B [B, Q, D] (unit norm) and, when ``features`` carries a surgery stream
         (inference), the dense surgery features [B, D, h, w] (unit norm per pixel), else None.
         """

@@ -8,31 +8,50 @@ exp(-100) is not exactly zero, and keeping the same constant keeps outputs ident
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 BLOCKED = -100.0
 
 
-def build_rec_attn_bias(attn_bias: torch.Tensor, *, grid: tuple[int, int], num_heads: int) -> torch.Tensor:
+@dataclass
+class AttnBias:
+    """The decoder's attention bias for the head, ``pixels + offset``, kept in its two terms.
+
+    pixels: [B, heads, Q, h4, w4] the per-pixel term at stride 4 of the input (heads may be 1: shared by all
+    heads); offset: [B, heads, Q] a constant per (head, query). The head max-pools the bias to the CLIP
+    grid, and a constant commutes with a max (exactly: float rounding is monotone), so the offset is added
+    on the pooled grid instead of to every stride-4 pixel (a [B, heads * Q, h4 * w4] copy less).
+    """
+
+    pixels: torch.Tensor
+    offset: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The bias itself: [B, heads, Q, h4, w4]."""
+        return self.pixels + self.offset[..., None, None]
+
+
+def build_rec_attn_bias(attn_bias: AttnBias, *, grid: tuple[int, int], num_heads: int) -> torch.Tensor:
     """Turn the decoder's bias into the head's full attention bias.
 
-    attn_bias: [B, heads, Q, h4, w4] (heads may be 1: shared by all heads) at stride 4 of the input; it is
-    max-pooled to the CLIP ``grid`` (h, w). Returns [B, num_heads, T, T] with T = Q + 1 + h*w.
+    attn_bias: max-pooled to the CLIP ``grid`` (h, w). Returns [B, num_heads, T, T] with T = Q + 1 + h*w.
     """
-    b, heads, q, h4, w4 = attn_bias.shape
+    b, heads, q, h4, w4 = attn_bias.pixels.shape
     h, w = grid
-    pooled = F.adaptive_max_pool2d(attn_bias.reshape(b, heads * q, h4, w4), (h, w))
-    pooled = pooled.reshape(b, heads, q, h * w)
+    pooled = F.adaptive_max_pool2d(attn_bias.pixels.reshape(b, heads * q, h4, w4), (h, w))
+    pooled = pooled.reshape(b, heads, q, h * w) + attn_bias.offset.unsqueeze(-1)
     if heads == 1:
         pooled = pooled.expand(b, num_heads, q, h * w)
     elif heads != num_heads:
         raise ValueError(f"attention bias has {heads} heads, the CLIP tower {num_heads}")
 
     t = q + 1 + h * w
-    template = attn_bias.new_zeros(t, t)
+    template = pooled.new_zeros(t, t)
     template[:, :q] = BLOCKED  # nobody attends to the SOS tokens ...
-    idx = torch.arange(q, device=attn_bias.device)
+    idx = torch.arange(q, device=pooled.device)
     template[idx, idx] = 0.0  # ... except each SOS token to itself
     template[:q, q] = BLOCKED  # SOS tokens ignore CLS
     bias = template.expand(b, num_heads, t, t).clone()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ebseg.build import build_ebseg
 from ebseg.checkpoint import convert_official_state_dict
 from ebseg.config import PRESETS, EBSegConfig, get_config, tiny
+from ebseg.modeling.rec_head import AttnBias, build_rec_attn_bias
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +65,17 @@ def test_stage_shapes_and_dtypes(model):
         assert dec.embeddings[-1].shape == (2, q, cfg.clip.embed_dim)
         assert dec.attn_hidden.shape == (2, 64, 48, cfg.pixel_decoder.mask_dim)
         bias = model.decoder.attn_bias(dec.mask_embeds[-1], dec.attn_hidden)
-        assert bias.shape == (2, cfg.clip.heads, q, 64, 48)
+        assert bias.dense().shape == (2, cfg.clip.heads, q, 64, 48)
         # The folded computation equals the definition: bias_scaling(<mask_embed, attn_proj(pixel)[head]>).
         per_pixel = model.decoder.attn_proj(mask_features.permute(0, 2, 3, 1))  # [B, h, w, heads * c]
         per_pixel = per_pixel.unflatten(-1, (cfg.clip.heads, -1))
         direct = torch.einsum("bqc,bhwnc->bnqhw", dec.mask_embeds[-1], per_pixel)
         direct = model.decoder.bias_scaling(direct.unsqueeze(-1)).squeeze(-1)
-        torch.testing.assert_close(bias, direct, atol=1e-5 * direct.abs().max().item(), rtol=1e-5)
+        torch.testing.assert_close(bias.dense(), direct, atol=1e-5 * direct.abs().max().item(), rtol=1e-5)
+        # The offset is added after the head's max pooling; a constant commutes with a max, bit for bit.
+        pooled = build_rec_attn_bias(bias, grid=grid, num_heads=cfg.clip.heads)
+        dense = AttnBias(bias.dense(), torch.zeros_like(bias.offset))
+        assert torch.equal(pooled, build_rec_attn_bias(dense, grid=grid, num_heads=cfg.clip.heads))
 
         emb_b, dense = model.clip.recognize(feats, bias, num_sos=q)
         assert emb_b.shape == (2, q, cfg.clip.embed_dim)
@@ -96,6 +101,44 @@ def test_recognition_head_runs_once_at_inference_and_per_layer_in_training(model
             model.eval()
         assert spy.call_count == 1 + model.config.decoder.num_layers + 1
     assert out.logits_d is None and len(out.logits_b) == len(out.logits_a)
+
+
+def test_final_only_gives_the_full_paths_final_prediction(model):
+    """Inference (``Segmenter``) asks for the final prediction alone; it is the full path's last entry, bit
+    for bit, although the intermediate predictions' heads are skipped."""
+    emb = class_embeddings(4, model.config.clip.embed_dim)
+    with torch.inference_mode():
+        full = model(images(), emb, image_sizes=[(256, 200), (180, 256)])
+        final = model(images(), emb, image_sizes=[(256, 200), (180, 256)], final_only=True)
+    assert len(full.pred_masks) == model.config.decoder.num_layers + 1
+    for name in ("pred_masks", "logits_a", "logits_b", "embeddings_a"):
+        assert len(getattr(final, name)) == 1, name
+        assert torch.equal(getattr(final, name)[-1], getattr(full, name)[-1]), name
+    for name in ("logits_d", "embeddings_b", "embeddings_d"):
+        assert torch.equal(getattr(final, name), getattr(full, name)), name
+
+
+def test_attention_masks_from_resized_features_equal_resized_mask_logits(model):
+    """The decoder thresholds ``mask_embed . resize(features)`` instead of ``resize(mask_embed . features)``
+    (the reference's order): the same logits up to float rounding, so the same mask away from 0."""
+    decoder = model.decoder
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, model.config.pixel_decoder.mask_dim, 64, 48, generator=g)
+    mask_embed = torch.randn(2, decoder.num_queries, features.shape[1], generator=g)
+    for size in ((8, 6), (16, 12), (32, 24)):
+        resized = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        blocked = decoder._attn_mask(mask_embed, resized).view(2, decoder.num_heads, decoder.num_queries, -1)
+        logits = F.interpolate(
+            torch.einsum("bqc,bchw->bqhw", mask_embed, features),
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        ).flatten(2)
+        expected = logits.sigmoid() < 0.5
+        assert blocked.any() and not blocked.all()
+        for head in range(decoder.num_heads):
+            decided = logits.abs() > 1e-4 * logits.abs().max()
+            assert torch.equal(blocked[:, head][decided], expected[decided])
 
 
 def test_outputs_are_deterministic(model):
