@@ -28,7 +28,9 @@ def test_thread_cpu_counts_a_busy_thread_that_ends_inside_the_block():
         worker.join()
         time.sleep(0.2)  # the sampler saw it before it ended; it is gone from /proc now
         _spin(0.1)
-    assert cpu.cpu_s["spinner"] >= 0.25, cpu.cpu_s
+    # A thread's last sampling interval (0.05 s) and /proc's 10 ms ticks can be lost when it ends
+    # between samples: 0.3 s spun counts at least 0.3 - 0.05 - 2 ticks.
+    assert cpu.cpu_s["spinner"] >= 0.2, cpu.cpu_s
     assert 0.05 <= cpu.cpu_s["MainThread"] < cpu.cpu_s["spinner"]
     rate = cpu.per_second(wall_s=1.0, top=1)
-    assert next(iter(rate)) == "spinner" and rate["spinner"] >= 250 and "other" in rate
+    assert next(iter(rate)) == "spinner" and rate["spinner"] >= 200 and "other" in rate
