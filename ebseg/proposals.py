@@ -46,10 +46,6 @@ class Proposals:
     embeddings: torch.Tensor
     input_size: tuple[int, int]
 
-    @property
-    def padded_size(self) -> tuple[int, int]:
-        return 4 * self.masks.shape[-2], 4 * self.masks.shape[-1]
-
     def input_masks(
         self, queries: slice | list[int] | None = None, *, device: torch.device | str | None = None
     ) -> torch.Tensor:
