@@ -158,6 +158,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="label this many images first, unreported, so that no reported run pays Ray's worker start-up "
         "(without it the smallest count's run does, which lowers the marginal figure)",
     )
+    p.add_argument(
+        "--slow-actor-ips",
+        type=float,
+        default=None,
+        help="also run the largest count at this (lower) simulated rate: the same images over a longer wall "
+        "time split the driver's CPU into a per-wall-second term (Ray Data's polling) and a per-image term",
+    )
     p.add_argument("--encode", default="stage", choices=["stage", "actor"], help="where records are written")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 4x)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
@@ -175,7 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.input_side or 1,
         args.warmup + 1,
     )
-    if min(sizes) < 1 or args.actor_ips <= 0:
+    if min(sizes) < 1 or args.actor_ips <= 0 or (args.slow_actor_ips or 1) <= 0:
         p.error(
             "--counts, --batch-size, --actors, --files-per-shard, --input-side, --actor-ips must be positive"
         )
@@ -205,7 +212,7 @@ def self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def one_run(args, count: int, source: Path, out: Path) -> dict:
+def one_run(args, count: int, source: Path, out: Path, actor_ips: float | None = None) -> dict:
     inputs = out.parent / f"in-{out.name}"
     inputs.mkdir()
     for path in sorted(source.rglob("*.jpg"))[:count]:
@@ -223,7 +230,8 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
         progress=True,  # as `ebseg label` runs: our progress line on stderr, Ray Data's own progress off
         **fields,
     )
-    stage = simulated_stage(args.actor_ips, args.input_side)
+    actor_ips = actor_ips or args.actor_ips
+    stage = simulated_stage(actor_ips, args.input_side)
     cpu, start = self_cpu(), time.monotonic()
     # Sampled every 0.5 s: the sampler runs in the driver's process, and at 50 ms it cost ~5 ms of CPU
     # per second there, counted as driver CPU (the driver's own RSS moves slowly: no records reach it).
@@ -234,6 +242,7 @@ def one_run(args, count: int, source: Path, out: Path) -> dict:
     busy = summary["stage_busy_s"]
     return {
         "images": summary["images"],
+        "actor_ips": actor_ips,
         "rows_per_block": job.rows_per_block,
         "wall_s": round(wall, 2),
         "images_per_s": round(count / wall, 3),
@@ -299,6 +308,26 @@ def commit_cost(shards: int, rows_per_shard: int, rows_per_part: int, directory:
     }
 
 
+def driver_split(fast: dict, slow: dict, rate: float = 25_000.0) -> dict | None:
+    """Driver CPU = per_s x wall + per_image x images, solved from two runs of the same images at two speeds.
+
+    The per-second term is what Ray Data's executor spends whether or not images flow (its loop polls
+    its operators ~10 times a second); the per-image term is listing, commit and per-block work. The
+    projection is what a driver fed ``rate`` images/s would spend per image; None when the walls are too
+    close to tell the terms apart.
+    """
+    if fast["images"] != slow["images"] or slow["wall_s"] - fast["wall_s"] < 0.25 * fast["wall_s"]:
+        return None
+    per_s = (slow["driver_cpu_s"] - fast["driver_cpu_s"]) / (slow["wall_s"] - fast["wall_s"])
+    per_image = (fast["driver_cpu_s"] - per_s * fast["wall_s"]) / fast["images"]
+    return {
+        "driver_cpu_ms_per_wall_s": round(per_s * 1e3, 1),
+        "driver_us_per_image": round(per_image * 1e6, 1),
+        "projected_rate_images_per_s": rate,
+        "projected_driver_us_per_image": round((per_image + per_s / rate) * 1e6, 1),
+    }
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import ray
@@ -330,6 +359,11 @@ def main(argv=None) -> dict:
                 report["warmup"] = {k: warm[k] for k in ("images", "wall_s", "driver_cpu_s")}
             for count in args.count_list:
                 report["runs"].append(one_run(args, count, root / "photos", root / f"out-{count}"))
+            if args.slow_actor_ips:
+                count = args.count_list[-1]
+                slow = one_run(args, count, root / "photos", root / f"out-{count}-slow", args.slow_actor_ips)
+                report["slow_run"] = slow
+                report["driver_split"] = driver_split(report["runs"][-1], slow)
     finally:
         if started:
             ray.shutdown()
@@ -357,3 +391,12 @@ if __name__ == "__main__":
             )
         if "marginal_driver_us_per_image" in result:
             print(f"marginal driver CPU: {result['marginal_driver_us_per_image']} us/image")
+        if result.get("driver_split"):
+            split = result["driver_split"]
+            print(
+                f"driver CPU split (same images at {result['slow_run']['images_per_s']:.1f} images/s): "
+                f"{split['driver_cpu_ms_per_wall_s']} ms per wall s + "
+                f"{split['driver_us_per_image']} us/image; "
+                f"at {split['projected_rate_images_per_s']:.0f} images/s "
+                f"{split['projected_driver_us_per_image']} us/image"
+            )

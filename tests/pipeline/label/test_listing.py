@@ -294,3 +294,29 @@ def test_s3_bucket_root_with_explicit_storage_options(s3_server, monkeypatch, pi
     assert shard.uris == (f"s3://{bucket}/p/1.jpg",)
     [row] = read_shard(shard, storage_options=options)
     assert row["data"] == pictures[0] and row["error"] is None
+
+
+def test_local_listing_without_stat_matches_fsspecs_ls(tmp_path):
+    """The local fast path (``os.scandir``) lists what fsspec's ``ls`` lists, links and odd entries too."""
+    import os
+
+    from pipeline.label.listing import _list_fs_dir, _list_local_dir
+
+    root = tmp_path / "in"
+    for rel in ["a/1.jpg", "b/c/3.jpg", "b/4.png", "b-x.jpg", "b.jpg", ".hidden.jpg", ".h/5.jpg", "z.JPG"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    os.symlink(root / "b", root / "link-to-dir")
+    os.symlink(root / "b.jpg", root / "link-to-file.jpg")
+    os.symlink(root / "gone.jpg", root / "broken.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    fs = fsspec.filesystem("file")
+    for directory in [str(root), f"{root}/", str(root / "b"), str(root / "b" / "c")]:
+        fast = _list_local_dir(directory)
+        assert fast == _list_fs_dir(fs, directory), directory
+    listed = dict(_list_local_dir(str(root)))
+    assert listed == {
+        f"{root}/{name}": name in ("a", "b") for name in ["a", "b", "b-x.jpg", "b.jpg", "z.JPG"]
+    }
+    # "b/" sorts after "b-x.jpg" and "b.jpg", as a key prefix does on an object store.
+    assert [p.rsplit("/", 1)[-1] for p, _ in _list_local_dir(str(root))][:4] == ["a", "b-x.jpg", "b.jpg", "b"]
