@@ -160,10 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--slow-actor-ips",
-        type=float,
-        default=None,
-        help="also run the largest count at this (lower) simulated rate: the same images over a longer wall "
-        "time split the driver's CPU into a per-wall-second term (Ray Data's polling) and a per-image term",
+        default="",
+        help="comma-separated lower simulated rates: the largest count is also run at each; the same images "
+        "over longer wall times split the driver's CPU into a per-wall-second term (Ray Data's polling) and "
+        "a per-image term (a least-squares line through the runs)",
     )
     p.add_argument("--encode", default="stage", choices=["stage", "actor"], help="where records are written")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 4x)")
@@ -171,6 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.count_list = sorted(int(c) for c in args.counts.split(","))
+        args.slow_rates = [float(r) for r in args.slow_actor_ips.split(",") if r.strip()]
         args.height, args.width = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         p.error(f"--counts must be integers and --size HxW, got {args.counts!r}, {args.size!r}")
@@ -182,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.input_side or 1,
         args.warmup + 1,
     )
-    if min(sizes) < 1 or args.actor_ips <= 0 or (args.slow_actor_ips or 1) <= 0:
+    if min(sizes) < 1 or args.actor_ips <= 0 or min(args.slow_rates, default=1) <= 0:
         p.error(
             "--counts, --batch-size, --actors, --files-per-shard, --input-side, --actor-ips must be positive"
         )
@@ -308,21 +309,30 @@ def commit_cost(shards: int, rows_per_shard: int, rows_per_part: int, directory:
     }
 
 
-def driver_split(fast: dict, slow: dict, rate: float = 25_000.0) -> dict | None:
-    """Driver CPU = per_s x wall + per_image x images, solved from two runs of the same images at two speeds.
+def driver_split(runs: list[dict], rate: float = 25_000.0) -> dict | None:
+    """Driver CPU = per_s x wall + per_image x images, from runs of the same images at different speeds.
 
     The per-second term is what Ray Data's executor spends whether or not images flow (its loop polls
-    its operators ~10 times a second); the per-image term is listing, commit and per-block work. The
-    projection is what a driver fed ``rate`` images/s would spend per image; None when the walls are too
-    close to tell the terms apart.
+    its operators ~10 times a second); the per-image term is listing, commit and per-block work. With
+    the images fixed, it is a least-squares line of CPU against wall time: slope per_s, intercept
+    per_image x images. The projection is what a driver fed ``rate`` images/s would spend per image.
+    None when the runs hold different images or their walls are too close to tell the terms apart.
     """
-    if fast["images"] != slow["images"] or slow["wall_s"] - fast["wall_s"] < 0.25 * fast["wall_s"]:
+    images = {r["images"] for r in runs}
+    walls = [r["wall_s"] for r in runs]
+    if len(runs) < 2 or len(images) != 1 or max(walls) - min(walls) < 0.25 * min(walls):
         return None
-    per_s = (slow["driver_cpu_s"] - fast["driver_cpu_s"]) / (slow["wall_s"] - fast["wall_s"])
-    per_image = (fast["driver_cpu_s"] - per_s * fast["wall_s"]) / fast["images"]
+    cpus = [r["driver_cpu_s"] for r in runs]
+    mean_wall, mean_cpu = sum(walls) / len(walls), sum(cpus) / len(cpus)
+    per_s = sum((w - mean_wall) * (c - mean_cpu) for w, c in zip(walls, cpus)) / sum(
+        (w - mean_wall) ** 2 for w in walls
+    )
+    per_image = (mean_cpu - per_s * mean_wall) / images.pop()
+    worst = max(abs(c - per_s * w - per_image * r["images"]) for w, c, r in zip(walls, cpus, runs))
     return {
         "driver_cpu_ms_per_wall_s": round(per_s * 1e3, 1),
         "driver_us_per_image": round(per_image * 1e6, 1),
+        "largest_residual_s": round(worst, 3),
         "projected_rate_images_per_s": rate,
         "projected_driver_us_per_image": round((per_image + per_s / rate) * 1e6, 1),
     }
@@ -359,11 +369,12 @@ def main(argv=None) -> dict:
                 report["warmup"] = {k: warm[k] for k in ("images", "wall_s", "driver_cpu_s")}
             for count in args.count_list:
                 report["runs"].append(one_run(args, count, root / "photos", root / f"out-{count}"))
-            if args.slow_actor_ips:
+            for rate in args.slow_rates:
                 count = args.count_list[-1]
-                slow = one_run(args, count, root / "photos", root / f"out-{count}-slow", args.slow_actor_ips)
-                report["slow_run"] = slow
-                report["driver_split"] = driver_split(report["runs"][-1], slow)
+                out = root / f"out-{count}-at-{rate:g}"
+                report.setdefault("slow_runs", []).append(one_run(args, count, root / "photos", out, rate))
+            if args.slow_rates:
+                report["driver_split"] = driver_split([report["runs"][-1], *report["slow_runs"]])
     finally:
         if started:
             ray.shutdown()
@@ -393,10 +404,12 @@ if __name__ == "__main__":
             print(f"marginal driver CPU: {result['marginal_driver_us_per_image']} us/image")
         if result.get("driver_split"):
             split = result["driver_split"]
+            rates = ", ".join(f"{r['images_per_s']:.1f}" for r in result["slow_runs"])
             print(
-                f"driver CPU split (same images at {result['slow_run']['images_per_s']:.1f} images/s): "
+                f"driver CPU split (the same images also at {rates} images/s): "
                 f"{split['driver_cpu_ms_per_wall_s']} ms per wall s + "
-                f"{split['driver_us_per_image']} us/image; "
+                f"{split['driver_us_per_image']} us/image "
+                f"(largest residual {split['largest_residual_s']} s); "
                 f"at {split['projected_rate_images_per_s']:.0f} images/s "
                 f"{split['projected_driver_us_per_image']} us/image"
             )

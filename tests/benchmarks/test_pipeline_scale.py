@@ -25,7 +25,7 @@ def test_pipeline_scale_reports_driver_and_stage_figures(ray_local):
         assert 1 <= run["effective_batch_size"] <= 2  # the simulated stage batches as the real one does
         by_thread = run["driver_cpu_ms_per_s_by_thread"]
         assert "StreamingExecutor" in by_thread and all(v > 0 for v in by_thread.values())
-    slow = report["slow_run"]  # the same 8 images, at most 4 a second: at least 2 s of simulated model
+    [slow] = report["slow_runs"]  # the same 8 images, at most 4 a second: at least 2 s of simulated model
     assert slow["images"] == 8 and slow["actor_ips"] == 4 and slow["wall_s"] >= 2
     assert report["runs"][0]["actor_ips"] == 1000
 
@@ -33,14 +33,18 @@ def test_pipeline_scale_reports_driver_and_stage_figures(ray_local):
 def test_driver_split_solves_per_second_and_per_image_terms():
     from benchmarks.pipeline_scale import driver_split
 
-    # 40 ms per wall second + 30 us per image, at 10,000 images over 20 s and over 50 s.
-    fast = {"images": 10_000, "wall_s": 20.0, "driver_cpu_s": 0.04 * 20 + 30e-6 * 10_000}
-    slow = {"images": 10_000, "wall_s": 50.0, "driver_cpu_s": 0.04 * 50 + 30e-6 * 10_000}
-    split = driver_split(fast, slow)
+    # 40 ms per wall second + 30 us per image, at 10,000 images over 20, 50 and 80 s.
+    runs = [
+        {"images": 10_000, "wall_s": w, "driver_cpu_s": 0.04 * w + 30e-6 * 10_000} for w in (20.0, 50.0, 80.0)
+    ]
+    split = driver_split(runs[:2])
     assert split["driver_cpu_ms_per_wall_s"] == 40.0 and split["driver_us_per_image"] == 30.0
     assert split["projected_driver_us_per_image"] == 31.6  # 30 + 40 ms / 25,000
-    assert driver_split(fast, {**slow, "wall_s": 21.0}) is None  # walls too close to tell the terms apart
-    assert driver_split(fast, {**slow, "images": 9_999}) is None
+    noisy = [{**runs[0], "driver_cpu_s": runs[0]["driver_cpu_s"] + 0.1}, *runs[1:]]  # a least-squares line
+    split = driver_split(noisy)
+    assert 38.0 < split["driver_cpu_ms_per_wall_s"] < 40.0 and 0.02 < split["largest_residual_s"] < 0.1
+    assert driver_split([runs[0], {**runs[1], "wall_s": 21.0}]) is None  # walls too close to tell apart
+    assert driver_split([runs[0], {**runs[1], "images": 9_999}]) is None and driver_split(runs[:1]) is None
 
 
 def test_simulated_stage_input_side_shrinks_the_actors_decode_and_batching_rule():
