@@ -22,9 +22,15 @@ Figures per N:
 - ``images_per_s``: N / wall time of ``run()``;
 - ``driver_cpu_s``: user + system CPU of this process (the driver: Ray Data's executor, the commit) over
   ``run()``; ``driver_us_per_image`` and ``driver_ms_per_block`` (blocks = N / rows per block);
-- ``marginal_driver_us_per_image``: (CPU at the largest N - CPU at the smallest) / (difference in N): the
+- ``marginal_driver_us_per_image``: (CPU at the largest N - CPU at the smallest, medians over
+  ``--repeats``) / (difference in N): the
   cost per image with start-up and the fixed cost of a run taken out (with ``--warmup N`` an unreported
   first run of N images starts Ray's workers, so the smallest run is not the only one paying for it);
+- ``driver_split`` (with ``--slow-actor-ips``): the largest N is also labelled at lower simulated rates, so
+  the same images take longer; a least-squares line of driver CPU against wall time over those runs splits
+  it into ``driver_cpu_ms_per_wall_s`` (what Ray Data's executor spends per second whether or not images
+  flow) and ``driver_us_per_image``, and projects the cost per image of a driver fed 25,000 images/s;
+  ``--repeats`` runs every setting several times, interleaved;
 - ``driver_peak_rss_bytes``: peak RSS of the driver during the run (sampled every 0.5 s);
 - ``driver_cpu_ms_per_s_by_thread``: the driver's CPU split by thread (``benchmarks.thread_cpu``: Ray
   Data's ``StreamingExecutor`` loop, the consumer (``MainThread``, ``iter_threaded``), Ray's native
@@ -42,6 +48,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -165,6 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "over longer wall times split the driver's CPU into a per-wall-second term (Ray Data's polling) and "
         "a per-image term (a least-squares line through the runs)",
     )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="run every count (and slow rate) this many times, interleaved"
+    )
     p.add_argument("--encode", default="stage", choices=["stage", "actor"], help="where records are written")
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default 4x)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
@@ -182,10 +192,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.files_per_shard,
         args.input_side or 1,
         args.warmup + 1,
+        args.repeats,
     )
     if min(sizes) < 1 or args.actor_ips <= 0 or min(args.slow_rates, default=1) <= 0:
         p.error(
-            "--counts, --batch-size, --actors, --files-per-shard, --input-side, --actor-ips must be positive"
+            "--counts, --batch-size, --actors, --files-per-shard, --input-side, --actor-ips, --repeats "
+            "must be positive"
         )
     args.cores = len(os.sched_getaffinity(0))
     args.ray_cpus = args.ray_cpus or 4 * args.cores
@@ -367,22 +379,28 @@ def main(argv=None) -> dict:
             if args.warmup:  # not reported: the first run in a fresh Ray pays for starting its workers
                 warm = one_run(args, args.warmup, root / "photos", root / "out-warmup")
                 report["warmup"] = {k: warm[k] for k in ("images", "wall_s", "driver_cpu_s")}
-            for count in args.count_list:
-                report["runs"].append(one_run(args, count, root / "photos", root / f"out-{count}"))
-            for rate in args.slow_rates:
-                count = args.count_list[-1]
-                out = root / f"out-{count}-at-{rate:g}"
-                report.setdefault("slow_runs", []).append(one_run(args, count, root / "photos", out, rate))
+            for rep in range(args.repeats):  # interleaved, so that every setting sees the same load
+                for count in args.count_list:
+                    out = root / f"out-{count}-{rep}"
+                    report["runs"].append({"repeat": rep, **one_run(args, count, root / "photos", out)})
+                for rate in args.slow_rates:
+                    count, out = args.count_list[-1], root / f"out-{count}-at-{rate:g}-{rep}"
+                    slow = {"repeat": rep, **one_run(args, count, root / "photos", out, rate)}
+                    report.setdefault("slow_runs", []).append(slow)
             if args.slow_rates:
-                report["driver_split"] = driver_split([report["runs"][-1], *report["slow_runs"]])
+                largest = [r for r in report["runs"] if r["images"] == args.count_list[-1]]
+                report["driver_split"] = driver_split([*largest, *report["slow_runs"]])
     finally:
         if started:
             ray.shutdown()
     runs = report["runs"]
-    if len(runs) > 1 and runs[-1]["images"] > runs[0]["images"]:
-        extra = runs[-1]["driver_cpu_s"] - runs[0]["driver_cpu_s"]
+    if runs[-1]["images"] > runs[0]["images"]:
+        cpu = {
+            n: statistics.median(r["driver_cpu_s"] for r in runs if r["images"] == n) for n in args.count_list
+        }
+        smallest, largest = args.count_list[0], args.count_list[-1]
         report["marginal_driver_us_per_image"] = round(
-            extra / (runs[-1]["images"] - runs[0]["images"]) * 1e6, 1
+            (cpu[largest] - cpu[smallest]) / (largest - smallest) * 1e6, 1
         )
     report["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return report
