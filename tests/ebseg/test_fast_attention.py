@@ -8,12 +8,14 @@ On a machine with CUDA the same checks run on the GPU too (its SDPA and embeddin
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Block
 
+from ebseg.modeling import sam_block as sam_block_module
 from ebseg.modeling.ms_deform_attn import ms_deform_attn
 from ebseg.modeling.sam_block import sam_block
 
@@ -46,9 +48,19 @@ def sam_library_block(window: int, trained_grid: int) -> Block:
         (0, 7, (7, 7)),  # global at the trained size (no resize)
     ],
 )
-def test_sam_block_matches_segment_anything(window, trained_grid, grid, device):
+@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-call", "row-chunks"])
+def test_sam_block_matches_segment_anything(window, trained_grid, grid, device, chunk_rows, monkeypatch):
+    """row-chunks: the attention runs in several SDPA calls of 3 query rows each (the last one shorter),
+    each with its own slice of the relative-position mask, as large grids do."""
     block = sam_library_block(window, trained_grid).to(device)
     x = torch.randn(2, *grid, 48, generator=torch.Generator().manual_seed(1)).to(device)
+    if chunk_rows is not None:
+        # 2 images (or windows of them) x 3 heads, mask rows as long as the attended grid.
+        n = 2 * (math.ceil(grid[0] / window) * math.ceil(grid[1] / window) if window else 1)
+        side = (window, window) if window else grid
+        monkeypatch.setattr(
+            sam_block_module, "MASK_CHUNK_ELEMENTS", chunk_rows * n * 3 * side[1] * side[0] * side[1]
+        )
     with torch.no_grad():
         expected = block(x)
         got = sam_block(block, x)
