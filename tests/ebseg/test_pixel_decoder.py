@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ebseg.config import PixelDecoderConfig, tiny
+from ebseg.modeling import pixel_decoder as pixel_decoder_module
 from ebseg.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn
 from ebseg.modeling.pixel_decoder import (
     RES2_UPSAMPLING,
@@ -179,6 +180,32 @@ def test_coarse_res2_equals_upsampling_it_first():
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5)
     assert (norm_first - expected).abs().max() > 1e-2 * scale
+
+
+def test_channels_last_stride4_path_equals_nchw(monkeypatch):
+    """The decoder's outputs with its stride-4 path channels-last (the default) equal those with every map in
+    NCHW, to float32 rounding, and come back channels-last (what the decoder's consumers read without a
+    copy); the multi-scale levels are views of the encoder memory, not copies."""
+    torch.manual_seed(0)
+    decoder = build(tiny().pixel_decoder, 64).eval()
+    inputs = features(2, 64, 128, 96)
+    memory = []
+    decoder.transformer.register_forward_hook(lambda module, args, out: memory.append(out))
+    with torch.no_grad():
+        mask_features, multi_scale = decoder(inputs)
+        monkeypatch.setattr(pixel_decoder_module, "STRIDE4_LAYOUT", torch.contiguous_format)
+        nchw_inputs = {name: x.contiguous() for name, x in inputs.items()}
+        expected_mask_features, expected_multi_scale = decoder(nchw_inputs)
+    assert mask_features.is_contiguous(memory_format=torch.channels_last)
+    assert all(f.stride(1) == 1 for f in multi_scale)  # channels innermost
+    # The levels as the NCHW code built them from the encoder memory: the same values.
+    flat, shapes = memory[0]
+    for got, part, (h, w) in zip(multi_scale, flat.split([h * w for h, w in shapes], dim=1), shapes):
+        assert torch.equal(got, part.transpose(1, 2).reshape(2, -1, h, w))
+    assert multi_scale[0].untyped_storage().data_ptr() == multi_scale[-1].untyped_storage().data_ptr()
+    for got, expected in zip([mask_features, *multi_scale], [expected_mask_features, *expected_multi_scale]):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_upsampled_refuses_a_spatial_kernel():
