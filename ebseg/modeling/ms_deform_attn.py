@@ -187,15 +187,16 @@ class MSDeformAttn(nn.Module):
         lv = value_input.shape[1]
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value_input).view(b, lv, heads, self.dim // heads)
-        offsets = self.sampling_offsets(query).view(b, lq, heads, levels, points, 2)
+        offsets = self.sampling_offsets(query).view(b, lq, heads, -1)  # (levels, points, 2) flattened
         weights = self.attention_weights(query).view(b, lq, heads, levels * points)
         weights = weights.softmax(-1).view(b, lq, heads, levels, points)
-        # (W_l, H_l) to match (x, y)
-        normaliser = torch.tensor(
-            [(w, h) for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device
-        )
-        locations = (
-            reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-        )
+        # (W_l, H_l) to match (x, y), per (level, point) as one [L * P * 2] row, and the reference points
+        # repeated over the points likewise: broadcasting along the trailing (P, 2) axes instead runs
+        # 2-element inner loops (same values, several times slower on CPU).
+        normaliser = per_sample([(w, h) for h, w in spatial_shapes], points, offsets.device).flatten()
+        reference = reference_points[:, :, None, :, None, :].expand(-1, -1, 1, -1, points, -1)
+        offsets = offsets / normaliser.to(offsets.dtype)
+        locations = reference.reshape(b, lq, 1, -1) + offsets
+        locations = locations.view(b, lq, heads, levels, points, 2)
         out = ms_deform_attn(value, spatial_shapes, locations, weights)
         return self.output_proj(out)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ebseg.config import PixelDecoderConfig, tiny
+from ebseg.modeling import ms_deform_attn as ms_deform_attn_module
 from ebseg.modeling import pixel_decoder as pixel_decoder_module
 from ebseg.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn
 from ebseg.modeling.pixel_decoder import (
@@ -137,6 +138,31 @@ def test_offsets_are_in_pixels_of_x_then_y(offset, shift):
     shifted[:, : h - dy, : w - dx] = value[:, dy:, dx:]
     expected = attn.output_proj(shifted.view(1, h * w, dim))
     torch.testing.assert_close(got, expected)
+
+
+def test_sampling_locations_are_reference_plus_offsets_over_level_size(monkeypatch):
+    """The locations MSDeformAttn hands to the sampler are exactly the reference's formula,
+    ``reference[:, :, None, :, None, :] + offsets / (W_l, H_l)``, on non-square levels of different sizes."""
+    torch.manual_seed(0)
+    shapes = [(3, 5), (6, 4)]
+    b, lq, dim, heads, points = 2, 7, 16, 2, 3
+    attn = MSDeformAttn(dim=dim, num_levels=len(shapes), num_heads=heads, num_points=points)
+    torch.nn.init.normal_(attn.sampling_offsets.weight)  # offsets that differ per query, head and point
+    seen = []
+
+    def recording(value, spatial_shapes, locations, weights):
+        seen.append(locations)
+        return ms_deform_attn(value, spatial_shapes, locations, weights)
+
+    monkeypatch.setattr(ms_deform_attn_module, "ms_deform_attn", recording)
+    query = torch.randn(b, lq, dim)
+    reference = torch.rand(b, lq, len(shapes), 2)
+    with torch.no_grad():
+        attn(query, reference, torch.randn(b, sum(h * w for h, w in shapes), dim), shapes)
+        offsets = attn.sampling_offsets(query).view(b, lq, heads, len(shapes), points, 2)
+    normaliser = torch.tensor([(w, h) for h, w in shapes], dtype=torch.float32)
+    expected = reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+    assert torch.equal(seen[0], expected)
 
 
 # --- the pixel decoder --------------------------------------------------------------------------------
