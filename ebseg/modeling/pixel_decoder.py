@@ -22,6 +22,11 @@ ENCODER_LEVELS = ("res5", "res4", "res3")
 # res2 arrives at stride 16 (SAM's tapped block as it is) and joins at stride 4: upsampled by this factor
 # after the 1x1 adapter (``ConvNorm.upsampled``) instead of before it.
 RES2_UPSAMPLING = 4
+# Memory layout of the stride-4 maps (lateral, top-down, the 3x3 conv, the mask features). Channels-last: the
+# encoder's memory is [B, N, C] already, the 3x3 conv is faster on it on CPU, and the decoder's consumers of
+# the mask features (resizing to each level, the per-pixel MLP on [B, H, W, C]) read it without the copies
+# that NCHW costs them (PyTorch's bilinear resize converts an NCHW input to channels-last first).
+STRIDE4_LAYOUT = torch.channels_last
 
 
 class ConvNorm(nn.Conv2d):
@@ -220,8 +225,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         see ``RES2_UPSAMPLING``), any float dtype.
 
         Returns float32 ``mask_features`` [B, mask_dim, H/4, W/4] and ``multi_scale_features`` =
-        [stride 32, stride 16, stride 8], each [B, conv_dim, H/s, W/s]. Runs in float32 with autocast off, as
-        the reference does: sampling locations (offsets over map sizes) are too coarse in half precision.
+        [stride 32, stride 16, stride 8], each [B, conv_dim, H/s, W/s], all in channels-last memory layout.
+        Runs in float32 with autocast off, as the reference does: sampling locations (offsets over map
+        sizes) are too coarse in half precision.
         """
         device_type = features["res2"].device.type
         with torch.autocast(device_type=device_type, enabled=False):
@@ -232,12 +238,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 pos.append(sine_position_embedding(x, self.conv_dim // 2))
             memory, shapes = self.transformer(srcs, pos)
 
-            b = memory.shape[0]
+            # The levels are views of the encoder's [B, N, C] memory, channels-last [B, C, h, w] (no copy).
             out = [
-                level.transpose(1, 2).reshape(b, -1, h, w)
+                level.unflatten(1, (h, w)).permute(0, 3, 1, 2)
                 for level, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
             ]
-            lateral = self.adapter_1.upsampled(features["res2"].float(), RES2_UPSAMPLING)
+            # The stride-4 path runs channels-last (``STRIDE4_LAYOUT``).
+            res2 = features["res2"].float().contiguous(memory_format=STRIDE4_LAYOUT)
+            lateral = self.adapter_1.upsampled(res2, RES2_UPSAMPLING)
             top_down = F.interpolate(out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             finest = self.layer_1(lateral + top_down)
             return self.mask_features(finest), out

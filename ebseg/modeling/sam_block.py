@@ -3,7 +3,13 @@
 The library's attention materialises the logits, adds the decomposed relative-position terms and runs an
 explicit softmax. Here the relative-position terms become an additive float mask for
 ``F.scaled_dot_product_attention`` (the same sum before the same softmax, so outputs agree to float
-rounding), which uses a fused kernel on CPU and the memory-efficient one on GPU.
+rounding), which uses a fused kernel on CPU and the memory-efficient one on GPU. Large grids (the global
+blocks) run in chunks of query rows, each with its slice of the mask (``MASK_CHUNK_ELEMENTS``).
+
+Folding the terms into the queries and keys instead (q' = [q / sqrt(d), q . R_h, q . R_w], k' = [k, one-hot
+row, one-hot column], no mask) was measured and rejected: at 640x640 the 144-wide q-k product made a global
+block's attention ~20 % slower on CPU than mask + SDPA, and SDPA falls back to its unfused path when q and
+v differ in width.
 
 Decomposed relative position (MViTv2): for a query at (i, j) and a key at (k, l),
 ``bias = q . R_h[i - k] + q . R_w[j - l]``, with ``R_h`` / ``R_w`` learnt tables over the offsets of one
@@ -31,14 +37,15 @@ def relative_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
     return rel_pos[offsets[:, None] - offsets[None, :] + (size - 1)]
 
 
-def relative_bias(
+def relative_terms(
     q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: tuple[int, int]
-) -> torch.Tensor:
-    """The decomposed relative-position terms as one additive attention mask.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decomposed relative-position terms of every query, per key row and per key column.
 
-    q: [N, heads, h*w, hd] unscaled queries -> [N, heads, h*w, h*w] float32: the terms are computed in
-    float32 whatever autocast says (they add to logits of order 10, where bf16 would round by ~0.05); the
-    caller casts to the kernel's dtype.
+    q: [N, heads, h*w, hd] unscaled queries -> (rel_h [N, heads, h, w, h (k)], rel_w [N, heads, h, w, w (l)]),
+    contiguous float32: the bias of query (i, j) and key (k, l) is rel_h[..., i, j, k] + rel_w[..., i, j, l].
+    The terms are computed in float32 whatever autocast says (they add to logits of order 10, where bf16
+    would round by ~0.05); the caller casts the mask to the kernel's dtype.
     """
     h, w = grid
     n, heads, _, hd = q.shape
@@ -47,13 +54,28 @@ def relative_bias(
         table_h = relative_table(rel_pos_h.float(), h)  # [h, h, hd]
         table_w = relative_table(rel_pos_w.float(), w)  # [w, w, hd]
         # einsum returns permuted views (its bmm runs over the table's axis), and an elementwise op follows
-        # its inputs' layout: summed as they are, the mask comes out non-contiguous and the reshape below
-        # copies it (123 MB per global block at 640x640). Made contiguous first (1/40 of that), the sum is
-        # written once, directly in the [N, heads, h*w, h*w] layout the kernel reads.
+        # its inputs' layout: summed as they are, the mask would come out non-contiguous and its reshape
+        # would copy it. Made contiguous here (1/h of the mask's size), the sum is written directly in the
+        # [N, heads, queries, h*w] layout the kernel reads.
         rel_h = torch.einsum("nmhwc,hkc->nmhwk", r_q, table_h).contiguous()
         rel_w = torch.einsum("nmhwc,wlc->nmhwl", r_q, table_w).contiguous()
-        bias = rel_h[..., :, None] + rel_w[..., None, :]  # [N, heads, h, w, h (k), w (l)]
-    return bias.view(n, heads, h * w, h * w)
+    return rel_h, rel_w
+
+
+def relative_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The additive attention mask of the queries in grid ``rows``, from ``relative_terms``' outputs:
+    [N, heads, (rows) * w, h * w] float32."""
+    n, heads, _, w, h = rel_h.shape
+    bias = rel_h[:, :, rows, :, :, None] + rel_w[:, :, rows, :, None, :]  # [N, heads, rows, w, h (k), w (l)]
+    return bias.view(n, heads, -1, h * w)
+
+
+# Most mask elements one SDPA call gets (16 MB in float32). A global block at 640x640 would need a
+# [1, 12, 1600, 1600] mask (123 MB): built whole, it is a fresh allocation each time, beyond glibc's largest
+# mmap threshold (32 MB), so every page of it faults (60 of its 70 ms to build on CPU). Query-row chunks of
+# at most this size are reused by the allocator, and at most one chunk is alive at a time. Rows of queries
+# are independent in attention, so the outputs are the same.
+MASK_CHUNK_ELEMENTS = 2**22
 
 
 def attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +84,15 @@ def attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(n, h * w, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # [N, heads, h*w, hd]
-    bias = relative_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    rel_h, rel_w = relative_terms(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
+    rows = max(1, MASK_CHUNK_ELEMENTS // (n * heads * w * h * w))
+    out = []
+    for first in range(0, h, rows):
+        chunk = slice(first, min(first + rows, h))
+        bias = relative_bias(rel_h, rel_w, chunk).to(q.dtype)
+        queries = q[:, :, chunk.start * w : chunk.stop * w]
+        out.append(F.scaled_dot_product_attention(queries, k, v, attn_mask=bias))
+    out = out[0] if len(out) == 1 else torch.cat(out, dim=2)
     return attn.proj(out.transpose(1, 2).reshape(n, h, w, c))
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ebseg.config import PixelDecoderConfig, tiny
+from ebseg.modeling import ms_deform_attn as ms_deform_attn_module
+from ebseg.modeling import pixel_decoder as pixel_decoder_module
 from ebseg.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn
 from ebseg.modeling.pixel_decoder import (
     RES2_UPSAMPLING,
@@ -138,6 +140,31 @@ def test_offsets_are_in_pixels_of_x_then_y(offset, shift):
     torch.testing.assert_close(got, expected)
 
 
+def test_sampling_locations_are_reference_plus_offsets_over_level_size(monkeypatch):
+    """The locations MSDeformAttn hands to the sampler are exactly the reference's formula,
+    ``reference[:, :, None, :, None, :] + offsets / (W_l, H_l)``, on non-square levels of different sizes."""
+    torch.manual_seed(0)
+    shapes = [(3, 5), (6, 4)]
+    b, lq, dim, heads, points = 2, 7, 16, 2, 3
+    attn = MSDeformAttn(dim=dim, num_levels=len(shapes), num_heads=heads, num_points=points)
+    torch.nn.init.normal_(attn.sampling_offsets.weight)  # offsets that differ per query, head and point
+    seen = []
+
+    def recording(value, spatial_shapes, locations, weights):
+        seen.append(locations)
+        return ms_deform_attn(value, spatial_shapes, locations, weights)
+
+    monkeypatch.setattr(ms_deform_attn_module, "ms_deform_attn", recording)
+    query = torch.randn(b, lq, dim)
+    reference = torch.rand(b, lq, len(shapes), 2)
+    with torch.no_grad():
+        attn(query, reference, torch.randn(b, sum(h * w for h, w in shapes), dim), shapes)
+        offsets = attn.sampling_offsets(query).view(b, lq, heads, len(shapes), points, 2)
+    normaliser = torch.tensor([(w, h) for h, w in shapes], dtype=torch.float32)
+    expected = reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+    assert torch.equal(seen[0], expected)
+
+
 # --- the pixel decoder --------------------------------------------------------------------------------
 
 
@@ -179,6 +206,32 @@ def test_coarse_res2_equals_upsampling_it_first():
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5)
     assert (norm_first - expected).abs().max() > 1e-2 * scale
+
+
+def test_channels_last_stride4_path_equals_nchw(monkeypatch):
+    """The decoder's outputs with its stride-4 path channels-last (the default) equal those with every map in
+    NCHW, to float32 rounding, and come back channels-last (what the decoder's consumers read without a
+    copy); the multi-scale levels are views of the encoder memory, not copies."""
+    torch.manual_seed(0)
+    decoder = build(tiny().pixel_decoder, 64).eval()
+    inputs = features(2, 64, 128, 96)
+    memory = []
+    decoder.transformer.register_forward_hook(lambda module, args, out: memory.append(out))
+    with torch.no_grad():
+        mask_features, multi_scale = decoder(inputs)
+        monkeypatch.setattr(pixel_decoder_module, "STRIDE4_LAYOUT", torch.contiguous_format)
+        nchw_inputs = {name: x.contiguous() for name, x in inputs.items()}
+        expected_mask_features, expected_multi_scale = decoder(nchw_inputs)
+    assert mask_features.is_contiguous(memory_format=torch.channels_last)
+    assert all(f.stride(1) == 1 for f in multi_scale)  # channels innermost
+    # The levels as the NCHW code built them from the encoder memory: the same values.
+    flat, shapes = memory[0]
+    for got, part, (h, w) in zip(multi_scale, flat.split([h * w for h, w in shapes], dim=1), shapes):
+        assert torch.equal(got, part.transpose(1, 2).reshape(2, -1, h, w))
+    assert multi_scale[0].untyped_storage().data_ptr() == multi_scale[-1].untyped_storage().data_ptr()
+    for got, expected in zip([mask_features, *multi_scale], [expected_mask_features, *expected_multi_scale]):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_upsampled_refuses_a_spatial_kernel():
