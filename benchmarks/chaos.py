@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/chaos.py --rounds 20 --images 200 [--seed 0] [--fault-rate 0.05] [--json]
+    python benchmarks/chaos.py --rounds 20 --images 200 [--seed 0] [--fault-rate 0.05] [--kill-within 1] \\
+        [--json]
 
 Writes ``--images`` shapes images (64x64 PNGs, ``ebseg.data.shapes``) to a temporary folder, starts a
 local Ray (``pipeline.cluster``'s local mode, with its dashboard for the state API) and a moto S3 server
@@ -69,10 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fault-rate", type=float, default=0.05, help="share of S3 requests given a fault")
     p.add_argument("--files-per-shard", type=int, default=10)
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    p.add_argument(
+        "--kill-within",
+        type=float,
+        default=1.0,
+        help="seconds: a model actor or task worker is killed at a random time up to this long after one "
+        "exists (the driver up to half of it after its first commit); a short round on a fast machine can "
+        "end before a long delay is over, so its kills never happen",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.images < 1 or not 0 <= args.fault_rate <= 1:
-        p.error("need --rounds >= 1, --images >= 1 and 0 <= --fault-rate <= 1")
+    if args.rounds < 1 or args.images < 1 or not 0 <= args.fault_rate <= 1 or args.kill_within < 0:
+        p.error("need --rounds >= 1, --images >= 1, 0 <= --fault-rate <= 1 and --kill-within >= 0")
     return args
 
 
@@ -140,7 +149,9 @@ def committed(fs, out: str) -> int:
         return 0
 
 
-def one_round(index: int, *, cluster: Cluster, rng: random.Random, spec: dict, env: dict, fs, log) -> dict:
+def one_round(
+    index: int, *, cluster: Cluster, rng: random.Random, spec: dict, env: dict, fs, log, within: float = 1.0
+) -> dict:
     """Run the job into a fresh output until it completes, killing as described; the kills done."""
     out = f"{BUCKET}/round-{index:02d}"
     spec = {**spec, "output": f"s3://{out}"}
@@ -168,7 +179,7 @@ def one_round(index: int, *, cluster: Cluster, rng: random.Random, spec: dict, e
                 if committed(fs, out) == 0:  # wait for a first commit: the driver dies mid-run
                     time.sleep(0.2)
                     continue
-                time.sleep(rng.uniform(0, 0.5))
+                time.sleep(rng.uniform(0, within / 2))
                 if driver.poll() is None:
                     os.killpg(driver.pid, signal.SIGKILL)
                     kills["driver"] += 1
@@ -178,7 +189,7 @@ def one_round(index: int, *, cluster: Cluster, rng: random.Random, spec: dict, e
             if not pids:
                 time.sleep(0.2)
                 continue
-            time.sleep(rng.uniform(0, 1.0))
+            time.sleep(rng.uniform(0, within))
             if driver.poll() is None and kill(rng.choice(pids)):
                 kills[kind] += 1
             plan.pop(0)
@@ -261,6 +272,7 @@ def main(argv=None) -> dict:
                     env=env,
                     fs=direct,
                     log=f"{tmp}/driver.err",
+                    within=args.kill_within,
                 )
                 counts = count_output(direct, done["output"], expected)
                 kills.update(done["kills"])
