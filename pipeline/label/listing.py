@@ -115,9 +115,15 @@ def input_kind(name: str) -> Kind | None:
 # --- listing
 
 
+def _walk_order(entry: tuple[str, bool]) -> str:
+    """Sort key of a (path, is_directory) entry: a directory sorts as ``name/``, as its keys do on an object
+    store, so a depth-first walk visits paths in lexicographic order."""
+    path, is_dir = entry
+    return path + "/" if is_dir else path
+
+
 def _list_dir(fs: fsspec.AbstractFileSystem, directory: str) -> list[tuple[str, bool]]:
-    """One level of ``directory``: (path, is_directory), sorted so a depth-first walk visits paths in
-    lexicographic order (a directory sorts as ``name/``, as its keys do on an object store)."""
+    """One level of ``directory``: (path, is_directory), in ``_walk_order``."""
     if isinstance(fs, LocalFileSystem):
         return _list_local_dir(directory)
     return _list_fs_dir(fs, directory)
@@ -137,7 +143,7 @@ def _list_fs_dir(fs: fsspec.AbstractFileSystem, directory: str) -> list[tuple[st
         is_dir = entry.get("type") == "directory"
         if is_dir or entry.get("type") == "file":
             out.append((name, is_dir))
-    out.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
+    out.sort(key=_walk_order)
     return out
 
 
@@ -155,7 +161,7 @@ def _list_local_dir(directory: str) -> list[tuple[str, bool]]:
             is_dir = entry.is_dir(follow_symlinks=False)
             if is_dir or entry.is_file(follow_symlinks=False):  # links, fifos, sockets: skipped
                 out.append((os.path.join(own, entry.name), is_dir))
-    out.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
+    out.sort(key=_walk_order)
     return out
 
 
