@@ -14,7 +14,8 @@ round, into a fresh ``s3://chaos/round-NN`` output, the labelling job (``pipelin
 
 - the driver, once its first shard is committed (then it is run again);
 - a model actor (a ``MapWorker(...)`` from ``ray.util.state.list_actors``) and a task worker (a worker process
-  from ``list_workers`` that is neither an actor nor a driver), at random times of the next run.
+  from ``list_workers`` that is neither an actor nor a driver), at random times of the next run (the
+  driver is paused, SIGSTOP, while the target is looked up and killed).
 
 The driver is rerun until it exits 0 (a run that fails after too many deaths counts as a rerun too). Then
 the committed output (the files the manifests list, ``pipeline.layout.committed_files``, read past the
@@ -185,14 +186,23 @@ def one_round(
                     kills["driver"] += 1
                 plan.pop(0)
                 break
-            pids = cluster.actor_pids() if kind == "actor" else cluster.worker_pids()
-            if not pids:
-                time.sleep(0.2)
-                continue
             time.sleep(rng.uniform(0, within))
-            if driver.poll() is None and kill(rng.choice(pids)):
-                kills[kind] += 1
-            plan.pop(0)
+            if driver.poll() is not None:
+                break
+            # The driver is paused while its target is looked up and killed: the state API's listing
+            # takes long enough that a short rerun on a fast machine could otherwise end meanwhile, and
+            # the round would have no kill of this kind. Its actors and tasks run on while it is paused.
+            os.killpg(driver.pid, signal.SIGSTOP)
+            try:
+                pids = cluster.actor_pids() if kind == "actor" else cluster.worker_pids()
+                if pids and kill(rng.choice(pids)):
+                    kills[kind] += 1
+            finally:
+                os.killpg(driver.pid, signal.SIGCONT)
+            if pids:
+                plan.pop(0)
+            else:
+                time.sleep(0.2)
         if driver.wait() == 0:
             return {"kills": dict(kills), "driver_runs": runs, "output": f"s3://{out}"}
 

@@ -13,9 +13,9 @@ from tests.conftest import REPO
 
 def test_one_chaos_round_loses_and_duplicates_nothing():
     env = {**os.environ, "RAY_agent_register_timeout_ms": "120000", "PYTHONPATH": str(REPO)}
-    # Kills come within 0.2 s of their target existing: on a quiet machine the driver's rerun of this short
-    # round can finish inside the default 1 s, and then the round has no actor or worker kill to show.
-    args = ["--rounds", "1", "--images", "40", "--files-per-shard", "8", "--fault-rate", "0.1", "--json"]
+    # Kills come within 0.2 s, and 80 images (10 shards): with 40 on a quiet machine the driver's first
+    # commit could come so late that its rerun had no work left, no actor or worker to kill.
+    args = ["--rounds", "1", "--images", "80", "--files-per-shard", "8", "--fault-rate", "0.1", "--json"]
     args += ["--kill-within", "0.2"]
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "chaos.py"), *args],
@@ -27,7 +27,7 @@ def test_one_chaos_round_loses_and_duplicates_nothing():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["rounds"] == 1 and report["per_round"][0]["records"] == 40
+    assert report["rounds"] == 1 and report["per_round"][0]["records"] == 80
     assert (report["images_lost"], report["images_duplicated"]) == (0, 0)
     assert report["kills"]["driver"] == 1 and report["driver_runs"] >= 2  # killed once, then rerun
     assert report["kills"]["actor"] + report["kills"]["worker"] >= 1
