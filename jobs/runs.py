@@ -109,6 +109,12 @@ def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
             f"output: {spec.output} ({summary['shards_written']} shards written, "
             f"{summary['shards_skipped']} already done; summary.json)"
         )
+    return _after_run(spec, args, summary)
+
+
+def _after_run(spec, args: argparse.Namespace, summary: dict[str, Any]) -> dict[str, Any]:
+    """What a labelling or relabelling run ends with: the next command to try and the run's page."""
+    if not args.json:
         print(
             f'next: ebseg query {spec.output} "SELECT label, count(*) AS images FROM segments GROUP BY label"'
         )
@@ -189,7 +195,7 @@ def run_relabel(spec, args: argparse.Namespace) -> dict[str, Any]:
             f"output: {spec.output} ({summary['shards_written']} shards written, "
             f"{summary['shards_skipped']} already done; summary.json)"
         )
-    return summary
+    return _after_run(spec, args, summary)
 
 
 RUNNERS = {"label": run_label, "train": run_train, "eval": run_eval, "relabel": run_relabel}

@@ -24,8 +24,10 @@ class Progress:
         interval: float = 5.0,
         enabled: bool = True,
         listing_complete: bool = True,
+        verb: str = "labelling",
     ):
         self._stream = stream
+        self.verb = verb  # the line's first word: "relabelling" for a relabel run
         self.total_shards = total_shards
         self.skipped_shards = skipped_shards
         self.enabled = enabled
@@ -58,7 +60,7 @@ class Progress:
         skipped = f" ({self.skipped_shards} skipped)" if self.skipped_shards else ""
         listed = "" if self.listing_complete else " listed so far"
         return (
-            f"labelling: {done}/{self.total_shards} shards{listed}{skipped}, {self.images} images, "
+            f"{self.verb}: {done}/{self.total_shards} shards{listed}{skipped}, {self.images} images, "
             f"{rate:.2f} images/s, {elapsed:.0f} s{self._eta(elapsed)}"
         )
 

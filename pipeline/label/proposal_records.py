@@ -6,6 +6,11 @@ A labelling run with ``proposals: true`` writes, beside each ``images`` part, a 
 (``ProposalsInfo``) says once per output how the rows are encoded and which model made them: with that
 model's text tower, ``Segmenter.label(read_proposals(...))`` labels the images with any vocabulary.
 
+A relabelled output (``pipeline.relabel``) stores no proposals of its own: they are its source's, to the bit.
+Its ``proposals.json`` is the source's with ``stored_in`` naming the labelling output whose ``proposals/``
+holds the files; ``stored_proposals`` follows that pointer, so a relabelled output is searched and relabelled
+again like the output it came from, while the source keeps them.
+
 Columns (``docs/schema.md``): ``masks`` holds the [Q, grid_height, grid_width] mask logits on the model's
 stride-4 grid as the raw bytes (C order) of ``mask_encoding``; ``emb_a`` / ``emb_b`` / ``emb_d`` hold the
 three [Q, D] embeddings as lists of D-lists of ``embedding_encoding`` floats; ``input_height`` /
@@ -35,7 +40,14 @@ from ebseg.proposals import (
     encode_masks,
 )
 from pipeline import storage
-from pipeline.layout import JOB_FILE, METADATA_KEY, PROPOSALS_FILE, SCHEMA_VERSION
+from pipeline.layout import (
+    JOB_FILE,
+    METADATA_KEY,
+    PROPOSALS_FILE,
+    SCHEMA_VERSION,
+    manifest_files,
+    manifest_paths,
+)
 
 EncodingName = Literal["default", "lossless"]
 # ``proposals_encoding`` of a job -> (mask encoding, embedding encoding) of ``ebseg.proposals``.
@@ -89,8 +101,12 @@ class ProposalsInfo:
     embedding_encoding: str
     model: str  # the ``--model`` value the run loaded
     model_id: str
-    run_id: str
+    run_id: str  # the labelling run that made the proposals
     schema_version: int = SCHEMA_VERSION
+    # The labelling output whose ``proposals/`` holds the rows; None: this output itself. Set in relabelled
+    # outputs (their images are the source's, so are their proposals: storing them twice would double the
+    # largest part of an output for nothing).
+    stored_in: str | None = None
 
     @classmethod
     def for_run(cls, encoding: str, *, model: str, model_id: str, run_id: str) -> ProposalsInfo:
@@ -122,6 +138,54 @@ def read_proposals_info(fs, root: str) -> ProposalsInfo:
             "with the new vocabulary directly."
         )
     return ProposalsInfo.from_dict(storage.read_json(fs, path))
+
+
+@dataclass(frozen=True)
+class StoredProposals:
+    """Where an output's proposals are: ``info`` (its own ``proposals.json``) and the output holding the
+    files, ``fs`` + ``root`` (the output itself, or the labelling output a relabelled one points at)."""
+
+    info: ProposalsInfo
+    fs: Any
+    root: str
+
+    @property
+    def uri(self) -> str:
+        return storage.full_uri(self.fs, self.root)
+
+    def shard_parts(self, shards: set[str] | None = None) -> dict[str, list[str]]:
+        """Shard id -> its committed proposals parts (relative to ``root``, manifest order); ``shards``
+        keeps only those (a relabelled output reads its own committed shards' proposals, no others)."""
+        parts = {}
+        for path in manifest_paths(self.fs, self.root):
+            shard_id = path.rsplit("/", 1)[-1][: -len(".json")]
+            if shards is None or shard_id in shards:
+                manifest = storage.read_json(self.fs, path)
+                where = f"manifest {storage.full_uri(self.fs, path)}"
+                parts[shard_id] = manifest_files(manifest, where=where, proposals=True)
+        return parts
+
+
+def stored_proposals(fs, root: str, storage_options: Mapping[str, Any] | None = None) -> StoredProposals:
+    """The proposals of the output at ``root``, following ``stored_in`` to the labelling output that holds
+    them. NoProposalsError when there are none, or when that output no longer holds the same run's."""
+    info = read_proposals_info(fs, root)
+    if info.stored_in is None:
+        return StoredProposals(info, fs, root)
+    uri = storage.full_uri(fs, root)
+    home_fs, home_root = storage.url_to_fs(info.stored_in, storage_options)
+    try:
+        home = read_proposals_info(home_fs, home_root)
+    except NoProposalsError as e:
+        raise NoProposalsError(
+            f"{uri} was relabelled from {info.stored_in}, which holds its proposals, but: {e}"
+        ) from e
+    if home.run_id != info.run_id or home.stored_in is not None:
+        raise NoProposalsError(
+            f"{uri} reads its proposals from {info.stored_in} (run {info.run_id}), which now holds "
+            f"run {home.run_id}'s: it was labelled again since. Relabel from it, or label the images again."
+        )
+    return StoredProposals(info, home_fs, home_root)
 
 
 def encode_proposals(proposals: Proposals, encoding: tuple[str, str]) -> dict[str, Any]:

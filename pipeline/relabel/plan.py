@@ -1,6 +1,7 @@
 """What a relabelling resolves to before anything runs: the source's proposals, its model, the new vocabulary.
 
-A source can be relabelled when it was labelled with ``proposals: true`` (``OUT/proposals.json``), and only
+A source can be relabelled when it was labelled with ``proposals: true`` (``OUT/proposals.json``), or is
+itself a relabelling of such an output (its proposals are then read where its source keeps them), and only
 with the model that made its proposals: another model's text tower would put the class embeddings in a
 space the stored embeddings were not made in, and give wrong labels without any error.
 """
@@ -19,7 +20,7 @@ from ebseg.vocab import Vocabulary
 from ebseg.zoo import ModelInfo, SegmenterSettings, describe_model
 from pipeline import storage
 from pipeline.label.plan import canonical_uri
-from pipeline.label.proposal_records import NoProposalsError, ProposalsInfo, read_proposals_info
+from pipeline.label.proposal_records import NoProposalsError, ProposalsInfo, StoredProposals, stored_proposals
 from pipeline.layout import JOB_FILE, SCHEMA_VERSION, manifest_files, manifest_paths
 from pipeline.relabel.job import RelabelJob
 
@@ -38,7 +39,7 @@ class SourceShard:
     shard_id: str
     rows: int
     images: list[str]  # the shard's images parts (relative to the source root), in manifest order
-    proposals: list[str]  # their proposals parts, same order
+    proposals: list[str]  # its proposals parts (relative to the root of the output holding them)
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class RelabelPlan:
     source: str  # canonical URI
     source_job: dict[str, Any]
     proposals: ProposalsInfo
+    stored: StoredProposals  # where the proposals files are: the source, or the output it was relabelled from
     model: ModelInfo
     vocabulary: Vocabulary
     run_id: str
@@ -71,7 +73,8 @@ class RelabelPlan:
 def make_plan(job: RelabelJob) -> RelabelPlan:
     """Read the source's job and proposals, check the model, resolve the vocabulary, fix the run id."""
     fs, root = storage.url_to_fs(job.source, job.storage_options)
-    info = read_proposals_info(fs, root)
+    stored = stored_proposals(fs, root, job.storage_options)
+    info = stored.info
     source_job = storage.read_json(fs, storage.join(root, JOB_FILE))
     model = describe_model(job.model or info.model)
     if model.model_id != info.model_id:
@@ -88,7 +91,7 @@ def make_plan(job: RelabelJob) -> RelabelPlan:
             "output": canonical_uri(job.output, job.storage_options),
         }
         run_id = "relabel-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    return RelabelPlan(source, source_job, info, model, vocabulary, run_id)
+    return RelabelPlan(source, source_job, info, stored, model, vocabulary, run_id)
 
 
 def _identity(job, source: str, source_job, model: ModelInfo, vocabulary: Vocabulary) -> dict[str, Any]:
@@ -122,16 +125,26 @@ def job_record(job: RelabelJob, plan: RelabelPlan) -> dict[str, Any]:
     }
 
 
-def source_shards(job: RelabelJob) -> list[SourceShard]:
+def source_shards(job: RelabelJob, plan: RelabelPlan) -> list[SourceShard]:
     """The source's committed shards, each with its images parts and their proposals parts."""
     fs, root = storage.url_to_fs(job.source, job.storage_options)
+    elsewhere = plan.stored.uri != storage.full_uri(fs, root)
+    # A relabelled source: its shards' proposals are listed by the manifests of the output holding them.
+    held = plan.stored.shard_parts() if elsewhere else {}
     shards = []
     for path in manifest_paths(fs, root):
         manifest = storage.read_json(fs, path)
         where = f"manifest {storage.full_uri(fs, path)}"
         images = manifest_files(manifest, where=where)
-        proposals = manifest_files(manifest, where=where, proposals=True)
-        if len(proposals) != len(images):
-            raise NoProposalsError(f"{where} lists {len(images)} images parts but {len(proposals)} proposals")
+        if not elsewhere:
+            proposals = manifest_files(manifest, where=where, proposals=True)
+            if len(proposals) != len(images):
+                raise NoProposalsError(
+                    f"{where} lists {len(images)} images parts but {len(proposals)} proposals"
+                )
+        elif manifest["shard_id"] in held:
+            proposals = held[manifest["shard_id"]]
+        else:
+            raise NoProposalsError(f"{plan.stored.uri} has no committed shard {manifest['shard_id']!r}")
         shards.append(SourceShard(manifest["shard_id"], int(manifest["rows"]), images, proposals))
     return shards

@@ -7,14 +7,16 @@ One streaming Ray Data graph per run::
 
 The new output has the labelling's layout and ``images`` schema (``docs/schema.md``), so ``ebseg query`` /
 ``show`` / ``export`` read it as they read any labelling output; its ``job.json`` (kind ``relabel``) names
-the source output, the source run and the model. Commits are the labelling's own: a shard is committed once,
-a rerun skips committed shards and deletes orphans, and a rerun of another job into the output is refused
-(``OutputMismatchError``).
+the source output, the source run and the model, and its ``proposals.json`` points at the source's
+proposals (``ProposalsInfo.stored_in``), so the new output is searched and relabelled like its source.
+Commits are the labelling's own: a shard is committed once, a rerun skips committed shards and deletes
+orphans, and a rerun of another job into the output is refused (``OutputMismatchError``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -70,6 +72,7 @@ def build_relabel_dataset(
             fn_constructor_args=(plan.segmenter_settings(job),),
             fn_constructor_kwargs={
                 "source": plan.source,
+                "proposals_in": plan.stored.uri,
                 "writer": writer,
                 "resolution": job.resolution,
                 "storage_options": job.storage_options,
@@ -122,15 +125,20 @@ def _relabel(
         record,
         plan.vocabulary,
         explicit_run_id=job.run_id is not None,
+        # The new output's proposals are the source's: a pointer, so it is searched and relabelled alike.
+        proposals=dataclasses.replace(plan.proposals, stored_in=plan.stored.uri),
         identity=IDENTITY_FIELDS,
     )
     done = committed_shards(fs, root)
     orphans = clean_after_interruption(fs, root) if done else 0
-    shards = source_shards(job)
+    shards = source_shards(job, plan)
     todo = [s for s in shards if s.shard_id not in done]
     ready = time.monotonic()
     progress = Progress(
-        total_shards=len(shards), skipped_shards=len(shards) - len(todo), enabled=job.progress
+        total_shards=len(shards),
+        skipped_shards=len(shards) - len(todo),
+        enabled=job.progress,
+        verb="relabelling",
     )
     fields = {"run_id": plan.run_id, "model_id": plan.model.model_id, "vocabulary_id": plan.vocabulary.id}
     with ShardCommitter(

@@ -48,7 +48,8 @@ class RelabelShards:
     ``PART_SCHEMA`` rows of the parts written under the new output.
 
     resolution: "original" labels at the original size (as labelling does); "grid" on the stride-4 grid of
-    the model input, enlarged to the original size.
+    the model input, enlarged to the original size. proposals_in: the output whose ``proposals/`` holds the
+    rows (``StoredProposals.uri``); the source itself when not given.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class RelabelShards:
         settings: SegmenterSettings,
         *,
         source: str,
+        proposals_in: str | None = None,
         writer: PartWriter,
         resolution: str = "original",
         storage_options: Mapping[str, Any] | None = None,
@@ -64,6 +66,7 @@ class RelabelShards:
         self.num_classes = len(settings.vocabulary)
         self.dtype = np.uint8 if label_bits(self.num_classes) == 8 else np.uint16
         self.source = source
+        self.proposals_in = proposals_in or source
         self.writer = writer
         self.resolution = resolution
         self.storage_options = dict(storage_options or {})
@@ -104,7 +107,8 @@ class RelabelShards:
                 f"source shard {shard_id}: manifest says {rows} rows, parts hold {records.num_rows}"
             )
         stored: dict[str, Any] = {}
-        for table in self._read(fs, root, proposals):
+        proposals_fs, proposals_root = storage.url_to_fs(self.proposals_in, self.storage_options)
+        for table in self._read(proposals_fs, proposals_root, proposals):
             stored.update(read_proposals(table))
         out: dict[str, list[Any]] = {k: [] for k in (*KEPT, "labels", "scores", "model_ms", "row_index")}
         for index, row in enumerate(records.to_pylist()):

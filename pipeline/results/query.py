@@ -1,5 +1,6 @@
 """Query a labelling output with DuckDB: ``images`` and ``segments`` views over its committed shards, and
-``proposals`` over its stored proposals when it has them (``ebseg label --proposals``).
+``proposals`` over its stored proposals when it has them (``ebseg label --proposals``; a relabelled output
+reads those of the output it was relabelled from, for its committed shards).
 
 Only the Parquet files named by ``_manifest/*.json`` are read (``docs/schema.md``: a retried task or an
 interrupted run can leave complete part files that no manifest lists), in either layout: schema version 2
@@ -25,13 +26,20 @@ import pyarrow as pa
 
 from ebseg.vocab import Vocabulary
 from pipeline import storage
-from pipeline.label.proposal_records import ProposalsInfo, read_proposals, read_proposals_info
+from pipeline.label.proposal_records import (
+    NoProposalsError,
+    ProposalsInfo,
+    read_proposals,
+    stored_proposals,
+)
 from pipeline.layout import (
     IMAGES_SCHEMA,
     JOB_FILE,
+    PROPOSALS_FILE,
     SUMMARY_FILE,
     VOCABULARY_FILE,
     committed_parts,
+    committed_shards,
     decode_label_map,
     rle_to_mask,
 )
@@ -67,15 +75,36 @@ class LabelOutput:
         images, proposals = committed_parts(fs, root)
         self.files = [storage.full_uri(fs, p) for p in images]
         self.proposal_files = [storage.full_uri(fs, p) for p in proposals]
+        filesystems = [fs]
+        if not proposals and images and fs.exists(storage.join(root, PROPOSALS_FILE)):
+            filesystems.append(self._proposals_elsewhere(fs, root))
         self._scorer = None
         self.con = duckdb.connect()
         try:
-            if not storage.is_local(fs):
-                self.con.register_filesystem(fs)
+            # One per protocol: DuckDB knows a filesystem by its protocol's name.
+            for registered in {str(f.protocol): f for f in filesystems if f}.values():
+                if not storage.is_local(registered):
+                    self.con.register_filesystem(registered)
             self._create_views(heavy=heavy)
         except BaseException:
             self.con.close()
             raise
+
+    def _proposals_elsewhere(self, fs, root: str):
+        """A relabelled output's proposals are its source's (``ProposalsInfo.stored_in``): list those of
+        its committed shards into ``proposal_files``; the filesystem they are on, or None when the source
+        no longer holds them (``proposals_info`` then says why)."""
+        try:
+            stored = stored_proposals(fs, root, self.storage_options)
+        except NoProposalsError:
+            return None
+        parts = stored.shard_parts(committed_shards(fs, root))
+        self.proposal_files = [
+            storage.full_uri(stored.fs, storage.join(stored.root, name))
+            for shard in sorted(parts)
+            for name in parts[shard]
+        ]
+        return stored.fs
 
     def _create_views(self, *, heavy: bool) -> None:
         if self.files:
@@ -223,14 +252,16 @@ class LabelOutput:
 
     @property
     def has_proposals(self) -> bool:
-        """True when the output stores proposals (labelled with ``--proposals``)."""
+        """True when the output has proposals (labelled with ``--proposals``, or relabelled from such an
+        output that still holds them)."""
         return bool(self.proposal_files)
 
     @property
     def proposals_info(self) -> ProposalsInfo:
-        """``OUT/proposals.json``; NoProposalsError when the output has none."""
+        """``OUT/proposals.json``; NoProposalsError when the output has none, or when it was relabelled
+        from an output that no longer holds them."""
         fs, root = storage.url_to_fs(self.uri, self.storage_options)
-        return read_proposals_info(fs, root)
+        return stored_proposals(fs, root, self.storage_options).info
 
     def text_scorer(self):
         """The ``TextScorer`` of this output's model and vocabulary (loaded once; texts are cached)."""

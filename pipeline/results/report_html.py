@@ -72,6 +72,16 @@ def _identity(data) -> str:
         ("device", f"{job.get('device')}, {job.get('actors')} actor(s), batch {job.get('batch_size')}"),
         ("versions", f"ebseg {job.get('ebseg_version')}, Ray {job.get('ray_version')}"),
     ]
+    if job.get("kind") == "relabel":  # no forward pass: labels from the source's stored proposals
+        pairs[2:3] = [
+            pairs[2],
+            ("relabelled from", f"{job.get('source')} (run {job.get('source_run_id')})"),
+            ("resolution", job.get("resolution")),
+        ]
+        pairs[-2] = (
+            "device",
+            f"CPU, {job.get('actors')} actor(s), stored proposals ({job.get('proposals_encoding')})",
+        )
     return f"<section><h2>Run</h2><table>{_rows(pairs)}</table></section>"
 
 

@@ -252,9 +252,22 @@ def test_label_with_proposals_then_relabel_through_the_cli(shapes, ray_local, tm
     with open_output(new) as output:
         found = set(output.sql("SELECT DISTINCT label FROM segments").column(0).to_pylist())
     assert found & set(names[3:])  # the classes the labelling left out
-    # A relabelled output stores no proposals: relabelling it again is refused, with the reason.
-    assert main(["relabel", new, str(tmp_path / "again"), "--vocabulary", vocabulary]) == 1
-    assert "labelled without --proposals" in capsys.readouterr().err
+    page = (tmp_path / "new" / "report.html").read_text()  # every run ends with its page
+    assert "relabelled from" in page and summary["source_run_id"] in page
+    # The relabelled output reads the source's proposals: relabelled again, back to the source's
+    # vocabulary at the original size, it gives the source's labels (lossless proposals: bit for bit).
+    again = str(tmp_path / "again")
+    assert main(["relabel", new, again, "--vocabulary", ",".join(names[:3]), "--no-progress"]) == 0
+    assert f"report: {again}/report.html" in capsys.readouterr().out
+    masks = "SELECT image_id, label, area, rle FROM segments ORDER BY image_id, label"
+    assert main(["query", again, masks, "--format", "json"]) == 0
+    relabelled = capsys.readouterr().out
+    assert main(["query", source, masks, "--format", "json"]) == 0
+    assert relabelled == capsys.readouterr().out and len(json.loads(relabelled)) >= COUNT
+    # Once the source no longer holds them, the relabelled output cannot be relabelled: the reason, exit 1.
+    (tmp_path / "source" / "proposals.json").unlink()
+    assert main(["relabel", new, str(tmp_path / "third"), "--vocabulary", vocabulary]) == 1
+    assert f"was relabelled from {source}" in capsys.readouterr().err
     assert main(["relabel", source, "--vocabulary", vocabulary]) == 2  # NEW_OUTPUT missing
 
 

@@ -198,6 +198,74 @@ def test_relabel_is_refused_without_proposals_or_with_another_model(photo_runs, 
     assert again["shards_skipped"] == again["shards_total"] and not fs.ls(storage.join(root, "_lease"))
 
 
+def test_a_relabelled_output_reads_its_sources_proposals(photo_runs, tmp_path):
+    source, new = photo_runs.sources["lossless"], photo_runs.relabelled["lossless"]
+    with open_output(source) as held, open_output(new) as pointing:
+        # Nothing stored twice: the pointer names the source, and the proposals view shows its rows.
+        assert pointing.has_proposals and not os.path.exists(os.path.join(new, layout.PROPOSALS_DIR))
+        assert pointing.proposals_info.stored_in == storage.full_uri(*storage.url_to_fs(source))
+        assert not any(layout.PROPOSALS_DIR in f for f in pointing.files)
+        rows = "SELECT image_id, query, area, bbox, emb_a, emb_d FROM proposals ORDER BY image_id, query"
+        assert pointing.sql(rows).equals(held.sql(rows)) and pointing.sql(rows).num_rows > 0
+        # Search ranks against the relabelled output's own vocabulary (the text competes with its classes).
+        assert list(pointing.text_scorer().vocabulary.names) == PHOTO_NAMES
+        found = pointing.search("a tree", limit=None, format="arrow")
+        assert found.num_rows == 6 and found.column("score").to_pylist() == sorted(
+            found.column("score").to_pylist(), reverse=True
+        )
+        image_id = found.column("image_id")[0].as_py()
+        (mine, size), (theirs, their_size) = (
+            pointing.image_proposals(image_id),
+            held.image_proposals(image_id),
+        )
+        np.testing.assert_array_equal(mine.masks, theirs.masks)
+        assert size == their_size
+    # Relabelled again, back to the source's vocabulary: the source's labels, bit for bit (lossless), and
+    # the pointer still names the output that holds the files, not the intermediate one.
+    back = str(tmp_path / "back")
+    relabel(RelabelJob(source=new, output=back, vocabulary="person,grass", progress=False))
+    compare(back, source, lossless=True)
+    assert json.loads((tmp_path / "back" / "proposals.json").read_text())["stored_in"] == (
+        storage.full_uri(*storage.url_to_fs(source))
+    )
+
+
+def test_a_relabelled_output_whose_source_lost_its_proposals_is_refused_with_the_reason(photo_runs, tmp_path):
+    source, new = tmp_path / "source", str(tmp_path / "new")
+    shutil.copytree(photo_runs.sources["default"], source)
+    relabel(RelabelJob(source=str(source), output=new, vocabulary="sky,tree", progress=False))
+    shutil.rmtree(source / "proposals")
+    (source / "proposals.json").unlink()
+    with open_output(new) as output:  # the labels stay readable; only the proposals are gone
+        assert output.sql("SELECT count(*) FROM images").column(0).to_pylist() == [6]
+        assert not output.has_proposals
+        with pytest.raises(NoProposalsError, match=f"was relabelled from {source}"):
+            output.search("a tree")
+    with pytest.raises(NoProposalsError, match=f"was relabelled from {source}"):
+        relabel(RelabelJob(source=new, output=str(tmp_path / "again"), vocabulary="sky"))
+    assert not (tmp_path / "again").exists()
+
+
+def test_relabel_on_s3_and_from_s3_into_a_local_output(shapes, s3_server, ray_local, tmp_path):
+    images, names = shapes
+    source = f"s3://{s3_server.bucket('relabel')}/source"
+    kept = ",".join(names[:3])
+    common = {"progress": False}
+    label(LabelJob(input=str(images), output=source, vocabulary=kept, proposals=True, **common))
+    on_s3, local = source.replace("/source", "/new"), str(tmp_path / "new")
+    for out in (on_s3, local):
+        relabel(RelabelJob(source=source, output=out, vocabulary=",".join(names), **common))
+    compare(local, on_s3, lossless=True)
+    for out in (on_s3, local):  # the local output's proposals view and search read S3 (DuckDB + s3fs)
+        with open_output(out) as output:
+            assert output.proposals_info.stored_in == source
+            assert output.sql("SELECT count(DISTINCT image_id) FROM proposals").column(0).to_pylist() == [6]
+            assert len(output.search(names[4], limit=3)) == 3
+    back = str(tmp_path / "back")  # a local relabelling of it, proposals still on S3
+    relabel(RelabelJob(source=local, output=back, vocabulary=kept, **common))
+    compare(back, source, lossless=False)
+
+
 def test_grid_labels_are_enlarged_by_nearest_neighbour():
     grid = np.array([[0, 1], [2, 3]])
     np.testing.assert_array_equal(enlarge(grid, (4, 3)), [[0, 0, 1], [0, 0, 1], [2, 2, 3], [2, 2, 3]])
