@@ -99,13 +99,19 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="relabel vs label time per image")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--photo-size", default="640x853", help="HxW of the --speed photo (the issue's case)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the preset with random weights (base's sizes without its checkpoint; bytes are a bound: "
+        "random logits compress worse than trained ones)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.speed:
         height, width = (int(v) for v in args.photo_size.lower().split("x"))
         speed(args.model, args.repeats, (height, width))
         return
-    model = load_model(args.model)
+    model = build_ebseg(args.model) if args.random_weights else load_model(args.model)
     full = (
         list(shapes_vocabulary().names)
         if args.model == "demo"
