@@ -209,6 +209,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_spec(spec))
         if args.command == "label":
             sys.stdout.write(_plan_text(spec))
+        elif args.command == "relabel":
+            sys.stdout.write(_relabel_plan_text(spec))
         return 0
     result = RUNNERS[args.command](spec, args)
     if args.json:
@@ -247,4 +249,27 @@ def _plan_text(spec) -> str:
         lines.append(f"  {shard['shard_id']}: {images} images from {shard['first']} ({state})")
     if found["shards"] > len(found["listed"]):
         lines.append(f"  ... and {found['shards'] - len(found['listed'])} more shards")
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def _relabel_plan_text(spec) -> str:
+    """``ebseg relabel --dry-run``'s plan, as YAML comments after the spec; a refusal is said, not raised."""
+    from pipeline.relabel.plan import preview
+
+    try:
+        found = preview(spec.to_job())
+    except (FileNotFoundError, ValueError) as e:  # NoProposalsError, ModelMismatchError, OutputMismatchError
+        return f"# plan: cannot relabel: {e}\n"
+    names = found["vocabulary"]["names"]
+    lines = [
+        f"plan: run {found['run_id']}, model {found['model_id']}, CPU",
+        f"vocabulary: {found['vocabulary']['name'] or found['vocabulary']['id']} ({len(names)} classes: "
+        + ", ".join(names[:10])
+        + (", ..." if len(names) > 10 else "")
+        + ")",
+        f"source: {found['source']}: {found['shards']} committed shards, {found['images']} images",
+        f"proposals: {found['proposals_encoding']} encoding, read from {found['proposals_in']}",
+        f"already committed in {found['output']}: {found['committed']} shards",
+        f"would run: {found['to_run']} shards",
+    ]
     return "".join(f"# {line}\n" for line in lines)

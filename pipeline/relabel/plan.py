@@ -19,9 +19,9 @@ import ebseg
 from ebseg.vocab import Vocabulary
 from ebseg.zoo import ModelInfo, SegmenterSettings, describe_model
 from pipeline import storage
-from pipeline.label.plan import canonical_uri
+from pipeline.label.plan import OutputMismatchError, canonical_uri
 from pipeline.label.proposal_records import NoProposalsError, ProposalsInfo, StoredProposals, stored_proposals
-from pipeline.layout import JOB_FILE, SCHEMA_VERSION, manifest_files, manifest_paths
+from pipeline.layout import JOB_FILE, SCHEMA_VERSION, committed_shards, manifest_files, manifest_paths
 from pipeline.relabel.job import RelabelJob
 
 # Job fields that decide what a record holds: a rerun into the same output must agree on all of them.
@@ -71,7 +71,10 @@ class RelabelPlan:
 
 
 def make_plan(job: RelabelJob) -> RelabelPlan:
-    """Read the source's job and proposals, check the model, resolve the vocabulary, fix the run id."""
+    """Read the source's job and proposals, check the model, resolve the vocabulary, fix the run id.
+
+    Raises NoProposalsError, ModelMismatchError, and OutputMismatchError when the output is the source.
+    """
     fs, root = storage.url_to_fs(job.source, job.storage_options)
     stored = stored_proposals(fs, root, job.storage_options)
     info = stored.info
@@ -84,6 +87,8 @@ def make_plan(job: RelabelJob) -> RelabelPlan:
         )
     vocabulary = model.resolve_vocabulary(job.vocabulary)
     source = storage.full_uri(fs, root)
+    if canonical_uri(job.output, job.storage_options) == source:
+        raise OutputMismatchError(f"{source} is the source: relabel into a new output")
     run_id = job.run_id
     if run_id is None:
         content = {
@@ -148,3 +153,29 @@ def source_shards(job: RelabelJob, plan: RelabelPlan) -> list[SourceShard]:
             raise NoProposalsError(f"{plan.stored.uri} has no committed shard {manifest['shard_id']!r}")
         shards.append(SourceShard(manifest["shard_id"], int(manifest["rows"]), images, proposals))
     return shards
+
+
+def preview(job: RelabelJob) -> dict[str, Any]:
+    """What ``run(job)`` would do (``ebseg relabel --dry-run``), refusals included, writing nothing: the
+    plan, where the proposals are read from, the source's committed shards and those already relabelled."""
+    plan = make_plan(job)
+    shards = source_shards(job, plan)
+    fs, root = storage.url_to_fs(job.output, job.storage_options)
+    done = committed_shards(fs, root)
+    return {
+        "run_id": plan.run_id,
+        "model_id": plan.model.model_id,
+        "vocabulary": {
+            "id": plan.vocabulary.id,
+            "name": plan.vocabulary.name,
+            "names": list(plan.vocabulary.names),
+        },
+        "source": plan.source,
+        "proposals_in": plan.stored.uri,
+        "proposals_encoding": plan.proposals.encoding,
+        "shards": len(shards),
+        "images": sum(s.rows for s in shards),
+        "output": storage.full_uri(fs, root),
+        "committed": sum(s.shard_id in done for s in shards),
+        "to_run": sum(s.shard_id not in done for s in shards),
+    }

@@ -30,7 +30,7 @@ from pipeline import storage
 from pipeline.cluster import ray_on_demand
 from pipeline.label.commit import ShardCommitter, clean_after_interruption
 from pipeline.label.parts import PartWriter
-from pipeline.label.plan import OutputMismatchError, canonical_uri, claim_output
+from pipeline.label.plan import claim_output
 from pipeline.label.progress import Progress
 from pipeline.label.records import Provenance
 from pipeline.label.run import IncompleteRunError, summarize
@@ -100,8 +100,6 @@ def run(
     """
     start = time.monotonic()
     plan = make_plan(job)
-    if canonical_uri(job.output, job.storage_options) == plan.source:
-        raise OutputMismatchError(f"{plan.source} is the source: relabel into a new output")
     fs, root = storage.url_to_fs(job.output, job.storage_options)
     with acquire(fs, root, run_id=plan.run_id, kind="relabel") as held, ray_on_demand(connect) as start_ray:
         return _relabel(job, plan, fs, root, start=start, held=held, start_ray=start_ray, stage_cls=stage_cls)

@@ -239,6 +239,13 @@ def test_label_with_proposals_then_relabel_through_the_cli(shapes, ray_local, tm
     assert main([*args, "--proposals-encoding", "lossless", "--json", "--no-progress"]) == 0
     capsys.readouterr()
     vocabulary = str(shapes / "vocabulary.json")
+    # --dry-run: the spec, then the plan as comments (refusals said, nothing written).
+    assert main(["relabel", source, new, "--vocabulary", vocabulary, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "# would run: 1 shards" in plan and f"lossless encoding, read from {source}" in plan
+    assert f"{COUNT} images" in plan and not os.path.exists(new)
+    assert main(["relabel", source, source, "--vocabulary", vocabulary, "--dry-run"]) == 0
+    assert "# plan: cannot relabel: " in capsys.readouterr().out
     args = ["relabel", source, new, "--vocabulary", vocabulary, "--resolution", "grid", "--json"]
     assert main([*args, "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
