@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/chaos.py --rounds 20 --images 200 [--seed 0] [--fault-rate 0.05] [--kill-within 1] \\
-        [--json]
+        [--driver-death signal|hook] [--json]
 
 Writes ``--images`` shapes images (64x64 PNGs, ``ebseg.data.shapes``) to a temporary folder, starts a
 local Ray (``pipeline.cluster``'s local mode, with its dashboard for the state API) and a moto S3 server
@@ -12,7 +12,9 @@ before forwarding and after the request was applied, each at ``--fault-rate / 4`
 round, into a fresh ``s3://chaos/round-NN`` output, the labelling job (``pipeline.label.run.run``, the
 ``demo`` model, 2 model actors) runs as a driver subprocess while a loop kills, with SIGKILL:
 
-- the driver, once its first shard is committed (then it is run again);
+- the driver, once its first shard is committed (then it is run again); with ``--driver-death hook`` it
+  dies by itself right after creating its first manifest (``pipeline.label.diehook``'s ``after-manifest``,
+  ``os._exit``), so its rerun always has all the other shards to do;
 - a model actor (a ``MapWorker(...)`` from ``ray.util.state.list_actors``) and a task worker (a worker process
   from ``list_workers`` that is neither an actor nor a driver), at random times of the next run (the
   driver is paused, SIGSTOP, while the target is looked up and killed).
@@ -42,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from pipeline.label.diehook import DIE_AT_ENV, DIE_EXIT_CODE  # noqa: E402
 from tests.fault_proxy import FaultProxy  # noqa: E402
 
 KINDS = ("driver", "actor", "worker")
@@ -78,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds: a model actor or task worker is killed at a random time up to this long after one "
         "exists (the driver up to half of it after its first commit); a short round on a fast machine can "
         "end before a long delay is over, so its kills never happen",
+    )
+    p.add_argument(
+        "--driver-death",
+        choices=("signal", "hook"),
+        default="signal",
+        help="signal: SIGKILL from outside up to --kill-within/2 after its first commit is seen (a short "
+        "job may have committed every shard by then); hook: it dies right after its first manifest",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a text summary")
     args = p.parse_args(argv)
@@ -151,7 +161,16 @@ def committed(fs, out: str) -> int:
 
 
 def one_round(
-    index: int, *, cluster: Cluster, rng: random.Random, spec: dict, env: dict, fs, log, within: float = 1.0
+    index: int,
+    *,
+    cluster: Cluster,
+    rng: random.Random,
+    spec: dict,
+    env: dict,
+    fs,
+    log,
+    within: float = 1.0,
+    driver_death: str = "signal",
 ) -> dict:
     """Run the job into a fresh output until it completes, killing as described; the kills done."""
     out = f"{BUCKET}/round-{index:02d}"
@@ -165,17 +184,23 @@ def one_round(
             raise RuntimeError(
                 f"round {index}: the job did not complete in {MAX_DRIVER_RUNS} runs (see {log})"
             )
+        hooked = driver_death == "hook" and plan[:1] == ["driver"]
         with open(log, "a") as err:
             driver = subprocess.Popen(
                 [sys.executable, "-c", DRIVER, cluster.address, json.dumps(spec), json.dumps(env)],
                 cwd=REPO,
-                env={**os.environ, **env},
+                env={**os.environ, **env, **({DIE_AT_ENV: "after-manifest"} if hooked else {})},
                 start_new_session=True,  # its own process group: killed whole
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
         while plan and driver.poll() is None:
             kind = plan[0]
+            if kind == "driver" and hooked:  # it dies by itself, right after its first manifest
+                if driver.wait() == DIE_EXIT_CODE:
+                    kills["driver"] += 1
+                plan.pop(0)
+                break
             if kind == "driver":
                 if committed(fs, out) == 0:  # wait for a first commit: the driver dies mid-run
                     time.sleep(0.2)
@@ -283,6 +308,7 @@ def main(argv=None) -> dict:
                     fs=direct,
                     log=f"{tmp}/driver.err",
                     within=args.kill_within,
+                    driver_death=args.driver_death,
                 )
                 counts = count_output(direct, done["output"], expected)
                 kills.update(done["kills"])

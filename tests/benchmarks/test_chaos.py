@@ -13,10 +13,11 @@ from tests.conftest import REPO
 
 def test_one_chaos_round_loses_and_duplicates_nothing():
     env = {**os.environ, "RAY_agent_register_timeout_ms": "120000", "PYTHONPATH": str(REPO)}
-    # Kills come within 0.2 s, and 80 images (10 shards): with 40 on a quiet machine the driver's first
-    # commit could come so late that its rerun had no work left, no actor or worker to kill.
+    # The driver dies right after its first manifest (--driver-death hook), so its rerun has the other 9
+    # shards to do while an actor and a worker are killed (within 0.2 s of one existing). With a kill from
+    # outside, a quiet machine could commit every shard before it landed: no rerun work, nothing to kill.
     args = ["--rounds", "1", "--images", "80", "--files-per-shard", "8", "--fault-rate", "0.1", "--json"]
-    args += ["--kill-within", "0.2"]
+    args += ["--kill-within", "0.2", "--driver-death", "hook"]
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "chaos.py"), *args],
         cwd=REPO,
