@@ -27,8 +27,10 @@ import pyarrow as pa
 from ebseg.vocab import Vocabulary
 from pipeline import storage
 from pipeline.label.proposal_records import (
+    SEARCH_COLUMNS,
     NoProposalsError,
     ProposalsInfo,
+    read_embeddings,
     read_proposals,
     stored_proposals,
 )
@@ -285,18 +287,20 @@ class LabelOutput:
         """Images ranked by their best region for ``text`` (``pipeline.results.search``), best first:
         ``image_id``, ``query``, ``score``, ``area`` (fraction of the image), ``bbox`` ([x, y, w, h] at
         the original size), ``source_uri``. min_area: ignore regions smaller than this fraction.
-        NoProposalsError when the output has no proposals. One proposals part is decoded at a time."""
+        NoProposalsError when the output has no proposals. One proposals part is read at a time, and only
+        its embeddings, areas and boxes (``SEARCH_COLUMNS``): no mask is decoded."""
         scorer = self.text_scorer()
         found = []
+        columns = ", ".join(SEARCH_COLUMNS)
         for uri in self.proposal_files:
-            part = self.sql("SELECT * FROM read_parquet($1)", [uri])
-            decoded = read_proposals(part)
-            # The boxes were computed from the same grid when the part was written: read, not redone.
-            boxes = dict(zip(part.column("image_id").to_pylist(), part.column("boxes").to_pylist()))
-            items = ((image_id, proposals) for image_id, (proposals, _) in decoded.items())
-            for image_id, region in scorer.search(items, text, min_area=min_area):
-                found.append((image_id, region, boxes[image_id][region.query]))
-            found.sort(key=lambda item: (-item[1].score, item[0]))
+            # No mask is read: scores come from the embeddings, areas and boxes were stored per query from
+            # the same grid when the part was written (``Proposals.region_stats``).
+            part = self.sql(f"SELECT {columns} FROM read_parquet($1)", [uri])
+            for image_id, embeddings, areas, boxes in read_embeddings(part):
+                best = scorer.best_query(embeddings, areas, text, min_area)
+                if best is not None:
+                    found.append((image_id, best, boxes[best[0]]))
+            found.sort(key=lambda item: (-item[1][1], item[0]))
             del found[limit if limit is not None else len(found) :]
         sources = (
             dict(self.con.execute("SELECT image_id, source_uri FROM images").fetchall()) if found else {}
@@ -304,9 +308,9 @@ class LabelOutput:
         table = pa.table(
             {
                 "image_id": pa.array([f[0] for f in found], pa.string()),
-                "query": pa.array([f[1].query for f in found], pa.int32()),
-                "score": pa.array([f[1].score for f in found], pa.float32()),
-                "area": pa.array([f[1].area for f in found], pa.float32()),
+                "query": pa.array([f[1][0] for f in found], pa.int32()),
+                "score": pa.array([f[1][1] for f in found], pa.float32()),
+                "area": pa.array([f[1][2] for f in found], pa.float32()),
                 "bbox": pa.array([f[2] for f in found], pa.list_(pa.int32())),
                 "source_uri": pa.array([sources.get(f[0]) for f in found], pa.string()),
             }

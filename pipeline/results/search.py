@@ -99,25 +99,41 @@ class TextScorer:
             )
         return classifier.cpu(), torch.tensor(seen, dtype=torch.bool), index
 
+    def query_scores(self, embeddings: torch.Tensor, text: str) -> torch.Tensor:
+        """embeddings [3, Q, D] (``Proposals.embeddings``) -> per-query scores [Q] float32 in [0, 1]."""
+        classifier, seen, index = self._columns(text)
+        logits = branch_logits(embeddings, classifier)
+        return balance_class_probs(logits[0], logits[1], logits[2], seen, self.tower.balance)[:, index]
+
     def score(self, proposals: Proposals, text: str) -> tuple[torch.Tensor, int]:
         """Per-query scores [Q] float32 in [0, 1] of ``text`` and the best query (its argmax)."""
-        classifier, seen, index = self._columns(text)
-        logits = branch_logits(proposals.embeddings, classifier)
-        probs = balance_class_probs(logits[0], logits[1], logits[2], seen, self.tower.balance)
-        scores = probs[:, index]
+        scores = self.query_scores(proposals.embeddings, text)
         return scores, int(scores.argmax())
 
-    def best_region(self, proposals: Proposals, text: str, min_area: float = 0.0) -> Region | None:
-        """The highest-scoring query whose region is not empty and covers at least ``min_area`` of the
-        image (a fraction), or None when no region does."""
-        scores, _ = self.score(proposals, text)
-        masks = proposals.regions()
-        areas = masks.flatten(1).float().mean(1)
+    def best_query(
+        self, embeddings: torch.Tensor, areas: torch.Tensor, text: str, min_area: float = 0.0
+    ) -> tuple[int, float, float] | None:
+        """(query, score, area) of the highest-scoring query whose region is not empty and covers at least
+        ``min_area`` of the image (a fraction), or None when no region does.
+
+        embeddings: [3, Q, D] (``Proposals.embeddings``); areas: float32 [Q], each region's fraction of the
+        grid (``Proposals.region_stats``, stored per query as ``areas``: no mask needs decoding).
+        """
+        scores = self.query_scores(embeddings, text)
         eligible = (areas > 0) & (areas >= min_area)
         if not bool(eligible.any()):
             return None
         query = int(torch.where(eligible, scores, torch.full_like(scores, -1.0)).argmax())
-        return Region(query, float(scores[query]), float(areas[query]), masks[query].numpy())
+        return query, float(scores[query]), float(areas[query])
+
+    def best_region(self, proposals: Proposals, text: str, min_area: float = 0.0) -> Region | None:
+        """``best_query`` of an image's decoded proposals, with the region's mask on the grid."""
+        masks = proposals.regions()
+        best = self.best_query(proposals.embeddings, masks.flatten(1).float().mean(1), text, min_area)
+        if best is None:
+            return None
+        query, score, area = best
+        return Region(query, score, area, masks[query].numpy())
 
     def search(
         self,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.label.proposal_records import NoProposalsError
+from pipeline.label.proposal_records import NoProposalsError, read_proposals
 from pipeline.results.query import open_output
 from pipeline.results.show import render_overlay
 from tests.pipeline.results.searchable_support import COUNT, LEFT_OUT, file_name
@@ -63,6 +63,23 @@ def test_search_ranks_images_holding_a_left_out_class_first(searchable, text):
     assert precision >= 0.8, found
     for r in found:
         assert 0 < r["area"] <= 1 and 0 <= r["score"] <= 1 and len(r["bbox"]) == 4
+
+
+@pytest.mark.parametrize("min_area", [0.0, 0.05])
+def test_search_without_masks_ranks_as_the_decoded_proposals_do(searchable, min_area):
+    # LabelOutput.search reads embeddings, areas and boxes only; the decoded proposals (masks included,
+    # TextScorer.search over read_proposals) must give the same regions, scores and areas, bit for bit.
+    out, _, _ = searchable
+    with open_output(out) as output:
+        found = output.search("yellow star", min_area=min_area, limit=None, format="arrow").to_pylist()
+        decoded = {}
+        for uri in output.proposal_files:
+            decoded.update(read_proposals(output.sql("SELECT * FROM read_parquet($1)", [uri])))
+        items = [(image_id, proposals) for image_id, (proposals, _) in decoded.items()]
+        ranked = output.text_scorer().search(items, "yellow star", min_area=min_area)
+    assert found and [(r["image_id"], r["query"]) for r in found] == [(k, r.query) for k, r in ranked]
+    assert [r["score"] for r in found] == [np.float32(r.score) for _, r in ranked]
+    assert [r["area"] for r in found] == [np.float32(r.area) for _, r in ranked]
 
 
 def test_min_area_drops_small_regions(searchable):
