@@ -226,7 +226,6 @@ def _plan_text(spec) -> str:
         found = preview(spec.to_job())
     except (FileNotFoundError, ValueError) as e:
         return f"# plan: cannot list the input: {e}\n"
-    names = found["vocabulary"]["names"]
     uncounted = (
         f" (+ the images of {found['uncounted_shards']} tar/Parquet shards)"
         if found["uncounted_shards"]
@@ -234,10 +233,7 @@ def _plan_text(spec) -> str:
     )
     lines = [
         f"plan: run {found['run_id']}, model {found['model_id']}, device {found['device']}",
-        f"vocabulary: {found['vocabulary']['name'] or found['vocabulary']['id']} ({len(names)} classes: "
-        + ", ".join(names[:10])
-        + (", ..." if len(names) > 10 else "")
-        + ")",
+        _vocabulary_line(found["vocabulary"]),
         f"found: {found['shards']} shards{' (listing stopped here)' if found['truncated'] else ''}, "
         f"{found['images']} images{uncounted}",
         f"already committed in {found['output']}: {found['committed']} shards",
@@ -252,6 +248,12 @@ def _plan_text(spec) -> str:
     return "".join(f"# {line}\n" for line in lines)
 
 
+def _vocabulary_line(vocabulary: dict[str, Any]) -> str:
+    names = vocabulary["names"]
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    return f"vocabulary: {vocabulary['name'] or vocabulary['id']} ({len(names)} classes: {shown})"
+
+
 def _relabel_plan_text(spec) -> str:
     """``ebseg relabel --dry-run``'s plan, as YAML comments after the spec; a refusal is said, not raised."""
     from pipeline.relabel.plan import preview
@@ -260,13 +262,9 @@ def _relabel_plan_text(spec) -> str:
         found = preview(spec.to_job())
     except (FileNotFoundError, ValueError) as e:  # NoProposalsError, ModelMismatchError, OutputMismatchError
         return f"# plan: cannot relabel: {e}\n"
-    names = found["vocabulary"]["names"]
     lines = [
         f"plan: run {found['run_id']}, model {found['model_id']}, CPU",
-        f"vocabulary: {found['vocabulary']['name'] or found['vocabulary']['id']} ({len(names)} classes: "
-        + ", ".join(names[:10])
-        + (", ..." if len(names) > 10 else "")
-        + ")",
+        _vocabulary_line(found["vocabulary"]),
         f"source: {found['source']}: {found['shards']} committed shards, {found['images']} images",
         f"proposals: {found['proposals_encoding']} encoding, read from {found['proposals_in']}",
         f"already committed in {found['output']}: {found['committed']} shards",

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from ebseg.vocab import Vocabulary
 from pipeline import storage
 from pipeline.label.job import LabelJob
 from pipeline.label.listing import list_shards
 from pipeline.label.plan import make_plan
 from pipeline.layout import committed_shards
+
+
+def brief(vocabulary: Vocabulary) -> dict[str, Any]:
+    """A vocabulary as a dry run shows it: id, name (None for a list of names) and names."""
+    return {"id": vocabulary.id, "name": vocabulary.name, "names": list(vocabulary.names)}
 
 
 def preview(job: LabelJob, *, shown: int = 10, max_shards: int = 100_000) -> dict[str, Any]:
@@ -48,11 +54,7 @@ def preview(job: LabelJob, *, shown: int = 10, max_shards: int = 100_000) -> dic
     return {
         "run_id": plan.run_id,
         "model_id": plan.model.model_id,
-        "vocabulary": {
-            "id": plan.vocabulary.id,
-            "name": plan.vocabulary.name,
-            "names": list(plan.vocabulary.names),
-        },
+        "vocabulary": brief(plan.vocabulary),
         "device": plan.device,
         "output": storage.full_uri(fs, root),
         **found,

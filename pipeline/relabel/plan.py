@@ -20,6 +20,7 @@ from ebseg.vocab import Vocabulary
 from ebseg.zoo import ModelInfo, SegmenterSettings, describe_model
 from pipeline import storage
 from pipeline.label.plan import OutputMismatchError, canonical_uri
+from pipeline.label.preview import brief
 from pipeline.label.proposal_records import NoProposalsError, ProposalsInfo, StoredProposals, stored_proposals
 from pipeline.layout import JOB_FILE, SCHEMA_VERSION, committed_shards, manifest_files, manifest_paths
 from pipeline.relabel.job import RelabelJob
@@ -165,11 +166,7 @@ def preview(job: RelabelJob) -> dict[str, Any]:
     return {
         "run_id": plan.run_id,
         "model_id": plan.model.model_id,
-        "vocabulary": {
-            "id": plan.vocabulary.id,
-            "name": plan.vocabulary.name,
-            "names": list(plan.vocabulary.names),
-        },
+        "vocabulary": brief(plan.vocabulary),
         "source": plan.source,
         "proposals_in": plan.stored.uri,
         "proposals_encoding": plan.proposals.encoding,
