@@ -20,3 +20,11 @@ def test_search_benchmark_reports_precision_per_class_and_method():
         assert cells[0] in SHAPES_CLASSES and cells[3] in ("balanced", "background only", "cosine D")
         assert all(0.0 <= float(cells[i]) <= 1.0 for i in (4, 5, 6))  # P@5, P@10, AP
     assert "mean balanced: P@5" in result.stdout
+
+
+def test_search_stored_benchmark_times_both_paths(searchable):
+    from benchmarks.search_stored import main
+
+    out, _, _ = searchable
+    result = main([out, "--text", "yellow star", "--repeats", "1"])
+    assert result["images"] > 0 and result["decoded_ms_per_image"] > 0 and result["search_ms_per_image"] > 0
