@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--limit", type=_positive, default=10, help="images listed (default 10)")
     search.add_argument("--format", choices=FORMATS, default="table")
+    search.add_argument(
+        "--actors", type=_positive, default=None,
+        help="score the proposals on N CPU actors on Ray (large outputs); default: in this process",
+    )  # fmt: skip
+    search.add_argument(
+        "--address", help="Ray for --actors (ray://HOST:10001, auto); default $RAY_ADDRESS, else local"
+    )
     _storage_flag(search)
 
     show = sub.add_parser(

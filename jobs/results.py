@@ -4,6 +4,7 @@ output (local or a URI)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -85,8 +86,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if not args.text.strip():
         raise CommandError("search: TEXT is empty")
-    with open_output(args.output, storage_options=_options(args)) as out:
-        result = out.search(args.text, min_area=args.min_area, limit=args.limit, format="arrow")
+    with contextlib.ExitStack() as stack:
+        if args.actors is not None:  # Ray only when asked: a small output is searched faster without it
+            from jobs.runs import ray_session
+
+            stack.enter_context(ray_session(args))
+        out = stack.enter_context(open_output(args.output, storage_options=_options(args)))
+        result = out.search(
+            args.text, min_area=args.min_area, limit=args.limit, format="arrow", actors=args.actors
+        )
     write_result(result, sys.stdout, args.format, max_rows=None)
     return 0
 

@@ -32,7 +32,7 @@ def _spec(args: argparse.Namespace, kind: str):
 
 
 @contextlib.contextmanager
-def _ray(args: argparse.Namespace) -> Iterator[None]:
+def ray_session(args: argparse.Namespace) -> Iterator[None]:
     """Ray for one run command: the one this process is connected to, ``--address`` / ``$RAY_ADDRESS``, or an
     embedded local one (shut down at the end). Unless ``--verbose``, Ray's own lines (its loggers, the C++
     core's, the workers') go to Ray's log files, and only ours reach the console."""
@@ -86,7 +86,7 @@ def run_label(spec, args: argparse.Namespace) -> dict[str, Any]:
     job = spec.to_job()
     try:
         # Ray starts only after the preflight and the output's lease, once there is work for it.
-        summary = run(job, connect=lambda: _ray(args))
+        summary = run(job, connect=lambda: ray_session(args))
     except (
         IncompleteRunError, OutputMismatchError, PreflightError, LeaseHeldError, LeaseLostError
     ) as e:  # fmt: skip
@@ -143,7 +143,7 @@ def run_train(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.train.run import run
 
     job = spec.to_job()
-    with _ray(args):
+    with ray_session(args):
         result = dataclasses.asdict(run(job))
     if not args.json:
         print(f"trained {spec.name} to step {result['step']}: {result['run_uri']}")
@@ -155,7 +155,7 @@ def run_eval(spec, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.evaluate.run import METRICS_FILE, run
 
     job = spec.to_job()
-    with _ray(args):
+    with ray_session(args):
         record = run(job)
     if not args.json:
 
@@ -180,7 +180,7 @@ def run_relabel(spec, args: argparse.Namespace) -> dict[str, Any]:
 
     job = spec.to_job()
     try:
-        summary = run(job, connect=lambda: _ray(args))
+        summary = run(job, connect=lambda: ray_session(args))
     except (
         IncompleteRunError, OutputMismatchError, NoProposalsError, ModelMismatchError, LeaseHeldError,
         LeaseLostError,

@@ -30,7 +30,6 @@ from pipeline.label.proposal_records import (
     SEARCH_COLUMNS,
     NoProposalsError,
     ProposalsInfo,
-    read_embeddings,
     read_proposals,
     stored_proposals,
 )
@@ -283,37 +282,44 @@ class LabelOutput:
             raise KeyError(f"no proposals for image {image_id!r} in {self.uri}")
         return read_proposals(table)[image_id]
 
-    def search(self, text: str, *, min_area: float = 0.0, limit: int | None = 10, format: str = "pandas"):
+    def search(
+        self,
+        text: str,
+        *,
+        min_area: float = 0.0,
+        limit: int | None = 10,
+        format: str = "pandas",
+        actors: int | None = None,
+    ):
         """Images ranked by their best region for ``text`` (``pipeline.results.search``), best first:
         ``image_id``, ``query``, ``score``, ``area`` (fraction of the image), ``bbox`` ([x, y, w, h] at
         the original size), ``source_uri``. min_area: ignore regions smaller than this fraction.
-        NoProposalsError when the output has no proposals. One proposals part is read at a time, and only
-        its embeddings, areas and boxes (``SEARCH_COLUMNS``): no mask is decoded."""
-        scorer = self.text_scorer()
-        found = []
-        columns = ", ".join(SEARCH_COLUMNS)
-        for uri in self.proposal_files:
-            # No mask is read: scores come from the embeddings, areas and boxes were stored per query from
-            # the same grid when the part was written (``Proposals.region_stats``).
-            part = self.sql(f"SELECT {columns} FROM read_parquet($1)", [uri])
-            for image_id, embeddings, areas, boxes in read_embeddings(part):
-                best = scorer.best_query(embeddings, areas, text, min_area)
-                if best is not None:
-                    found.append((image_id, best, boxes[best[0]]))
-            found.sort(key=lambda item: (-item[1][1], item[0]))
-            del found[limit if limit is not None else len(found) :]
-        sources = (
-            dict(self.con.execute("SELECT image_id, source_uri FROM images").fetchall()) if found else {}
+        NoProposalsError when the output has no proposals. Only the parts' embeddings and stored areas and
+        boxes are read (``SEARCH_COLUMNS``): no mask is decoded. actors: score the parts on that many CPU
+        actors on Ray (``search_on_ray``: the same hits, scores equal to float32 rounding), else one part
+        at a time in this process."""
+        from pipeline.results.search import best_first, hits_table, rank_part, search_on_ray
+
+        if actors is not None:
+            model = self.proposals_info.model  # NoProposalsError before Ray starts
+            found = search_on_ray(
+                self.proposal_files, model, self.vocabulary.names, text, actors=actors,
+                min_area=min_area, limit=limit, storage_options=self.storage_options,
+            )  # fmt: skip
+        else:
+            scorer, found = self.text_scorer(), []
+            columns = ", ".join(SEARCH_COLUMNS)
+            for uri in self.proposal_files:
+                part = self.sql(f"SELECT {columns} FROM read_parquet($1)", [uri])
+                found = best_first([*found, *rank_part(scorer, part, text, min_area)], limit)
+        ids = [hit.image_id for hit in found]
+        sources = dict(
+            self.con.execute(
+                "SELECT image_id, source_uri FROM images WHERE list_contains($1, image_id)", [ids]
+            ).fetchall()
         )
-        table = pa.table(
-            {
-                "image_id": pa.array([f[0] for f in found], pa.string()),
-                "query": pa.array([f[1][0] for f in found], pa.int32()),
-                "score": pa.array([f[1][1] for f in found], pa.float32()),
-                "area": pa.array([f[1][2] for f in found], pa.float32()),
-                "bbox": pa.array([f[2] for f in found], pa.list_(pa.int32())),
-                "source_uri": pa.array([sources.get(f[0]) for f in found], pa.string()),
-            }
+        table = hits_table(found).append_column(
+            "source_uri", pa.array([sources.get(i) for i in ids], pa.string())
         )
         if format == "pandas":
             return table.to_pandas()

@@ -9,14 +9,20 @@ fused probability of the text times 1 - p(background) of that query. A query's r
 resizes labelling applies (``Proposals.input_masks``, ``ebseg.postprocess.resize_logits``).
 
 Only the text tower is needed: ``ebseg.zoo.load_text_tower`` builds it alone from the checkpoint.
+
+Over an output, search reads each proposals part's embeddings and stored per-query areas and boxes, never
+its masks (``rank_part``), in this process or spread over a CPU actor pool on Ray (``search_on_ray``: each
+actor loads the text tower once and returns its parts' best ``limit`` hits; the driver keeps the best).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from ebseg.balance import balance_class_probs
@@ -24,7 +30,9 @@ from ebseg.postprocess import resize_logits
 from ebseg.proposals import Proposals, branch_logits
 from ebseg.seen import default_synonyms, seen_flags
 from ebseg.vocab import Vocabulary
-from ebseg.zoo import TextTower
+from ebseg.zoo import TextTower, load_text_tower
+from pipeline import storage
+from pipeline.label.proposal_records import SEARCH_COLUMNS, read_embeddings
 
 
 class Region(NamedTuple):
@@ -148,3 +156,115 @@ class TextScorer:
         found = [(key, r) for key, p in items if (r := self.best_region(p, text, min_area)) is not None]
         found.sort(key=lambda item: (-item[1].score, item[0]))
         return found if limit is None else found[:limit]
+
+
+class Hit(NamedTuple):
+    """An image's best region for a text, as search lists it (``bbox``: [x, y, w, h] at the original size)."""
+
+    image_id: str
+    query: int
+    score: float
+    area: float
+    bbox: list[int]
+
+
+HIT_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("query", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("area", pa.float32()),
+        pa.field("bbox", pa.list_(pa.int32())),
+    ]
+)
+
+
+def best_first(hits: Iterable[Hit], limit: int | None) -> list[Hit]:
+    """Highest score first, ties by image id; at most ``limit``."""
+    ranked = sorted(hits, key=lambda hit: (-hit.score, hit.image_id))
+    return ranked if limit is None else ranked[:limit]
+
+
+def rank_part(scorer: TextScorer, table: pa.Table, text: str, min_area: float = 0.0) -> list[Hit]:
+    """The best region of every image of one proposals part read with ``SEARCH_COLUMNS`` (no mask)."""
+    hits = []
+    for image_id, embeddings, areas, boxes in read_embeddings(table):
+        best = scorer.best_query(embeddings, areas, text, min_area)
+        if best is not None:
+            query, score, area = best
+            # float32, as listed: the ranking uses the value the table shows.
+            hits.append(Hit(image_id, query, float(np.float32(score)), area, boxes[query]))
+    return hits
+
+
+def hits_table(hits: Sequence[Hit]) -> pa.Table:
+    return pa.Table.from_pylist([hit._asdict() for hit in hits], schema=HIT_SCHEMA)
+
+
+class SearchParts:
+    """``map_batches`` callable (CPU actor pool): rows {``uri``: a proposals part} -> ``HIT_SCHEMA`` rows,
+    the batch's best ``limit`` hits. Each actor loads the text tower once; runs without Ray too."""
+
+    def __init__(
+        self,
+        model: str,
+        vocabulary: Sequence[str],
+        *,
+        text: str,
+        min_area: float = 0.0,
+        limit: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        self.scorer = TextScorer(load_text_tower(model), vocabulary)
+        self.text, self.min_area, self.limit = text, min_area, limit
+        self.storage_options = dict(storage_options or {})
+
+    def __call__(self, batch: Mapping[str, Any]) -> pa.Table:
+        hits = []
+        for uri in batch["uri"]:
+            fs, path = storage.url_to_fs(str(uri), self.storage_options)
+            table = pq.read_table(path, filesystem=fs, columns=list(SEARCH_COLUMNS))
+            hits.extend(rank_part(self.scorer, table, self.text, self.min_area))
+        return hits_table(best_first(hits, self.limit))
+
+
+def search_on_ray(
+    parts: Sequence[str],
+    model: str,
+    vocabulary: Sequence[str],
+    text: str,
+    *,
+    actors: int,
+    min_area: float = 0.0,
+    limit: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[Hit]:
+    """The best ``limit`` hits over proposals ``parts`` (URIs), scored by ``actors`` CPU actors on the Ray
+    this process is connected to (``pipeline.cluster.ensure_ray`` when it is not)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.cluster import ensure_ray
+
+    if not parts:
+        return []
+    ensure_ray()
+    ds = ray.data.from_items([{"uri": uri} for uri in parts], override_num_blocks=min(len(parts), 4 * actors))
+    ranked = ds.map_batches(
+        SearchParts,
+        batch_size=1,  # one part per call: each returns at most ``limit`` rows
+        batch_format="numpy",
+        fn_constructor_args=(model, list(vocabulary)),
+        fn_constructor_kwargs={
+            "text": text,
+            "min_area": min_area,
+            "limit": limit,
+            "storage_options": storage_options,
+        },
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=1,
+    )
+    hits = []
+    for batch in ranked.iter_batches(batch_size=None, batch_format="pyarrow"):
+        hits = best_first([*hits, *(Hit(**row) for row in batch.to_pylist())], limit)
+    return hits

@@ -8,7 +8,7 @@ from jobs.cli import main
 from tests.pipeline.results.searchable_support import file_name
 
 
-def test_search_prints_ranked_images_as_json_and_table(searchable, capsys):
+def test_search_prints_ranked_images_as_json_and_table(searchable, ray_local, capsys):
     out, _, truth = searchable
     assert main(["search", out, "yellow star", "--limit", "5", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -17,6 +17,12 @@ def test_search_prints_ranked_images_as_json_and_table(searchable, capsys):
     assert main(["search", out, "yellow star", "--limit", "3"]) == 0
     table = capsys.readouterr().out
     assert "image_id" in table and "score" in table and rows[0]["image_id"] in table
+    # --actors: scored by CPU actors on Ray (here the session's), the same images in the same order.
+    assert main(["search", out, "yellow star", "--limit", "5", "--format", "json", "--actors", "2"]) == 0
+    spread = json.loads(capsys.readouterr().out)
+    assert [(r["image_id"], r["query"], r["bbox"]) for r in spread] == [
+        (r["image_id"], r["query"], r["bbox"]) for r in rows
+    ]
 
 
 def test_show_text_draws_the_best_region_and_refusals_are_one_line(searchable, tmp_path, capsys):

@@ -213,6 +213,16 @@ def test_a_relabelled_output_reads_its_sources_proposals(photo_runs, tmp_path):
         assert found.num_rows == 6 and found.column("score").to_pylist() == sorted(
             found.column("score").to_pylist(), reverse=True
         )
+        # Spread over Ray actors (one proposals part per call, six parts here): the same hits.
+        assert len(pointing.proposal_files) == 6
+        for limit, min_area in ((4, 0.0), (None, 0.01)):
+            here = pointing.search("a tree", limit=limit, min_area=min_area, format="arrow")
+            spread = pointing.search("a tree", limit=limit, min_area=min_area, format="arrow", actors=2)
+            assert here.num_rows > 0
+            # Same hits; scores to float32 rounding (an actor's thread count orders the sums differently).
+            for name in ("image_id", "query", "area", "bbox", "source_uri"):
+                assert spread.column(name).equals(here.column(name)), name
+            np.testing.assert_allclose(spread.column("score"), here.column("score"), rtol=1e-5)
         image_id = found.column("image_id")[0].as_py()
         (mine, size), (theirs, their_size) = (
             pointing.image_proposals(image_id),
