@@ -86,12 +86,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if not args.text.strip():
         raise CommandError("search: TEXT is empty")
-    with contextlib.ExitStack() as stack:
-        if args.actors is not None:  # Ray only when asked: a small output is searched faster without it
+    with open_output(args.output, storage_options=_options(args)) as out, contextlib.ExitStack() as stack:
+        # Ray only when asked (a small output is searched faster without it) and when there is work: an
+        # output without proposals is refused by search() before it needs Ray.
+        if args.actors is not None and out.has_proposals:
             from jobs.runs import ray_session
 
             stack.enter_context(ray_session(args))
-        out = stack.enter_context(open_output(args.output, storage_options=_options(args)))
         result = out.search(
             args.text, min_area=args.min_area, limit=args.limit, format="arrow", actors=args.actors
         )

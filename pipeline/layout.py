@@ -103,7 +103,12 @@ def manifest_paths(fs, root: str) -> list[str]:
 
 def committed_shards(fs, root: str) -> set[str]:
     """Ids of the shards committed under ``root`` (no manifest is read)."""
-    return {path.rsplit("/", 1)[-1][: -len(".json")] for path in manifest_paths(fs, root)}
+    return {manifest_shard_id(path) for path in manifest_paths(fs, root)}
+
+
+def manifest_shard_id(path: str) -> str:
+    """The shard id a manifest path names: ``.../_manifest/<shard_id>.json``."""
+    return path.rsplit("/", 1)[-1][: -len(".json")]
 
 
 def manifest_files(

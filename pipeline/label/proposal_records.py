@@ -48,6 +48,7 @@ from pipeline.layout import (
     SCHEMA_VERSION,
     manifest_files,
     manifest_paths,
+    manifest_shard_id,
 )
 
 EncodingName = Literal["default", "lossless"]
@@ -159,7 +160,7 @@ class StoredProposals:
         keeps only those (a relabelled output reads its own committed shards' proposals, no others)."""
         parts = {}
         for path in manifest_paths(self.fs, self.root):
-            shard_id = path.rsplit("/", 1)[-1][: -len(".json")]
+            shard_id = manifest_shard_id(path)
             if shards is None or shard_id in shards:
                 manifest = storage.read_json(self.fs, path)
                 where = f"manifest {storage.full_uri(self.fs, path)}"

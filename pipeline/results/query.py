@@ -78,7 +78,8 @@ class LabelOutput:
         self.proposal_files = [storage.full_uri(fs, p) for p in proposals]
         filesystems = [fs]
         if not proposals and images and fs.exists(storage.join(root, PROPOSALS_FILE)):
-            filesystems.append(self._proposals_elsewhere(fs, root))
+            self.proposal_files, elsewhere = self._proposals_elsewhere(fs, root)
+            filesystems.append(elsewhere)
         self._scorer = None
         self.con = duckdb.connect()
         try:
@@ -91,21 +92,17 @@ class LabelOutput:
             self.con.close()
             raise
 
-    def _proposals_elsewhere(self, fs, root: str):
-        """A relabelled output's proposals are its source's (``ProposalsInfo.stored_in``): list those of
-        its committed shards into ``proposal_files``; the filesystem they are on, or None when the source
-        no longer holds them (``proposals_info`` then says why)."""
+    def _proposals_elsewhere(self, fs, root: str) -> tuple[list[str], Any]:
+        """A relabelled output's proposals are its source's (``ProposalsInfo.stored_in``): the URIs of
+        those of its committed shards and the filesystem they are on; none (and None) when the source no
+        longer holds them (``proposals_info`` then says why)."""
         try:
             stored = stored_proposals(fs, root, self.storage_options)
         except NoProposalsError:
-            return None
+            return [], None
         parts = stored.shard_parts(committed_shards(fs, root))
-        self.proposal_files = [
-            storage.full_uri(stored.fs, storage.join(stored.root, name))
-            for shard in sorted(parts)
-            for name in parts[shard]
-        ]
-        return stored.fs
+        files = [storage.join(stored.root, name) for shard in sorted(parts) for name in parts[shard]]
+        return [storage.full_uri(stored.fs, f) for f in files], stored.fs
 
     def _create_views(self, *, heavy: bool) -> None:
         if self.files:
