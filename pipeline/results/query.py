@@ -27,7 +27,6 @@ import pyarrow as pa
 from ebseg.vocab import Vocabulary
 from pipeline import storage
 from pipeline.label.proposal_records import (
-    SEARCH_COLUMNS,
     NoProposalsError,
     ProposalsInfo,
     read_proposals,
@@ -305,10 +304,9 @@ class LabelOutput:
             )  # fmt: skip
         else:
             scorer, found = self.text_scorer(), []
-            columns = ", ".join(SEARCH_COLUMNS)
             for uri in self.proposal_files:
-                part = self.sql(f"SELECT {columns} FROM read_parquet($1)", [uri])
-                found = best_first([*found, *rank_part(scorer, part, text, min_area)], limit)
+                hits = rank_part(scorer, uri, text, min_area, self.storage_options)
+                found = best_first([*found, *hits], limit)
         ids = [hit.image_id for hit in found]
         sources = dict(
             self.con.execute(

@@ -185,8 +185,17 @@ def best_first(hits: Iterable[Hit], limit: int | None) -> list[Hit]:
     return ranked if limit is None else ranked[:limit]
 
 
-def rank_part(scorer: TextScorer, table: pa.Table, text: str, min_area: float = 0.0) -> list[Hit]:
-    """The best region of every image of one proposals part read with ``SEARCH_COLUMNS`` (no mask)."""
+def rank_part(
+    scorer: TextScorer,
+    uri: str,
+    text: str,
+    min_area: float = 0.0,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[Hit]:
+    """The best region of every image of the proposals part at ``uri``, read with ``SEARCH_COLUMNS`` only
+    (no mask): the one reader of both the in-process search and the actors'."""
+    fs, path = storage.url_to_fs(uri, storage_options)
+    table = pq.read_table(path, filesystem=fs, columns=list(SEARCH_COLUMNS))
     hits = []
     for image_id, embeddings, areas, boxes in read_embeddings(table):
         best = scorer.best_query(embeddings, areas, text, min_area)
@@ -222,9 +231,7 @@ class SearchParts:
     def __call__(self, batch: Mapping[str, Any]) -> pa.Table:
         hits = []
         for uri in batch["uri"]:
-            fs, path = storage.url_to_fs(str(uri), self.storage_options)
-            table = pq.read_table(path, filesystem=fs, columns=list(SEARCH_COLUMNS))
-            hits.extend(rank_part(self.scorer, table, self.text, self.min_area))
+            hits.extend(rank_part(self.scorer, str(uri), self.text, self.min_area, self.storage_options))
         return hits_table(best_first(hits, self.limit))
 
 
